@@ -1,0 +1,183 @@
+"""Load a Qwen3.5 checkpoint (Hugging Face layout) into the export-ready model.
+
+A checkpoint is a directory with config.json, model.safetensors (or shards with
+model.safetensors.index.json), tokenizer.json, tokenizer_config.json and
+generation_config.json; a hub id is downloaded into the local cache first.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from qwen_mobile.config import Qwen35Config, read_config
+from qwen_mobile.errors import QwenMobileError
+from qwen_mobile.models.qwen3_5 import Qwen35
+
+EMBEDDED_MODEL = Path(__file__).resolve().parent / "assets" / "qwen3.5-tiny"
+EMBEDDED_NAME = "qwen3.5-tiny"
+CHECKPOINT_FILES = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+]
+# Qwen3_5ForConditionalGeneration nests the decoder; Qwen3_5ForCausalLM does not.
+TEXT_PREFIXES = ("model.language_model.", "model.")
+SKIPPED_PREFIXES = ("model.visual.", "visual.", "mtp.")
+LOADABLE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    source: str  # what the user named: a path, a hub id, or the embedded model's name
+    config: Qwen35Config
+    config_hash: str
+    skipped_tensors: int
+
+
+@dataclass
+class LoadedModel:
+    checkpoint: Checkpoint
+    model: Qwen35
+
+
+def resolve(model: str | None) -> tuple[Path, str]:
+    """The local directory for MODEL: the embedded model, a directory, or a hub id."""
+    if model in (None, "", EMBEDDED_NAME):
+        return EMBEDDED_MODEL, EMBEDDED_NAME
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path, model
+    if path.exists():
+        raise QwenMobileError(f"{model}: not a directory (pass a checkpoint directory or a hub id)")
+    if model.count("/") != 1 or model.startswith((".", "/")):
+        raise QwenMobileError(f"{model}: no such directory")
+    return _download(model), model
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=CHECKPOINT_FILES))
+    except Exception as error:  # offline, unknown repo, gated repo: all end the same way for the user
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise QwenMobileError(
+            f"{repo_id}: could not download from the Hugging Face hub ({reason}); "
+            "download it elsewhere and pass its local directory"
+        ) from None
+
+
+def open_checkpoint(model: str | None) -> Checkpoint:
+    path, source = resolve(model)
+    config, config_hash = read_config(path / "config.json")
+    skipped = sum(1 for name in _tensor_files(path) if name.startswith(SKIPPED_PREFIXES))
+    return Checkpoint(path, source, config, config_hash, skipped)
+
+
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise QwenMobileError(f"{index}: not a safetensors index with a weight_map ({error})") from None
+        return {name: path / file for name, file in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise QwenMobileError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    return {name: single for name in _read_names(single)}
+
+
+def _read_names(file: Path) -> list[str]:
+    try:
+        with safe_open(file, framework="pt") as handle:
+            return list(handle.keys())
+    except (SafetensorError, OSError) as error:
+        raise QwenMobileError(f"{file}: not a readable safetensors file ({error})") from None
+
+
+def _decoder_name(name: str) -> str | None:
+    """Checkpoint tensor name -> our parameter name, or None for parts we skip."""
+    if name.startswith(SKIPPED_PREFIXES):
+        return None
+    if name == "lm_head.weight":
+        return name
+    for prefix in TEXT_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name
+
+
+def load(model: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Read the checkpoint's decoder weights into a Qwen35 in `dtype`."""
+    checkpoint = open_checkpoint(model)
+    config = checkpoint.config
+    with torch.device("meta"):
+        qwen = Qwen35(config)
+    expected = {name: tuple(p.shape) for name, p in qwen.named_parameters(remove_duplicate=False)}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+
+    weights: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, file in _tensor_files(checkpoint.path).items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        if not file.is_file():
+            raise QwenMobileError(f"{file}: listed in model.safetensors.index.json but missing")
+        try:
+            with safe_open(file, framework="pt") as handle:
+                for name in names:
+                    ours = _decoder_name(name)
+                    if ours is None or (ours == "lm_head.weight" and config.tie_word_embeddings):
+                        continue
+                    if ours not in expected:
+                        raise QwenMobileError(f"{file}: unexpected tensor {name} for this config")
+                    tensor = handle.get_tensor(name)
+                    if tensor.dtype not in LOADABLE_DTYPES:
+                        raise QwenMobileError(
+                            f"{file}: tensor {name} is {tensor.dtype}; qwen-mobile loads bf16, fp16 or fp32 weights"
+                        )
+                    if tuple(tensor.shape) != expected[ours]:
+                        raise QwenMobileError(
+                            f"{file}: tensor {name} has shape {list(tensor.shape)}, config.json implies "
+                            f"{list(expected[ours])}"
+                        )
+                    weights[ours] = tensor.to(dtype)
+        except SafetensorError as error:
+            raise QwenMobileError(f"{file}: not a readable safetensors file ({error})") from None
+
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise QwenMobileError(f"{checkpoint.path}: the checkpoint lacks tensor {missing[0]}{more}")
+    if config.tie_word_embeddings:
+        weights["lm_head.weight"] = weights["embed_tokens.weight"]
+    qwen.load_state_dict(weights, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        qwen.lm_head.weight = qwen.embed_tokens.weight  # assign=True replaced the shared Parameter
+    return LoadedModel(checkpoint, qwen.eval())
+
+
+def stop_token_ids(checkpoint: Checkpoint) -> tuple[int, ...]:
+    """End-of-sequence ids: generation_config.json's when present (it lists the chat
+    turn end as well as <|endoftext|>), else config.json's."""
+    path = checkpoint.path / "generation_config.json"
+    if path.is_file():
+        try:
+            eos = json.loads(path.read_text()).get("eos_token_id")
+        except json.JSONDecodeError as error:
+            raise QwenMobileError(f"{path}: not valid JSON ({error})") from None
+        if eos is not None:
+            return tuple(eos) if isinstance(eos, list) else (eos,)
+    return checkpoint.config.eos_token_ids
