@@ -1,0 +1,29 @@
+"""The calibration corpus and its fixed train / held-out split.
+
+Training (scripts/train_tiny.py) and every later evaluation import
+``split_corpus`` so that they all see exactly the same held-out text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CORPUS_PATH = Path(__file__).resolve().parent.parent / "calibration" / "tinyshakespeare.txt"
+TRAIN_FRACTION = 0.9
+
+
+def load_corpus(path: str | Path = CORPUS_PATH) -> str:
+    return Path(path).read_text(encoding="utf-8")
+
+
+def split_corpus(text: str) -> tuple[str, str]:
+    """Split ``text`` into (train, held-out).
+
+    The training split is the first 90% of the characters, extended up to and
+    including the next newline so that no line is cut in half; the held-out
+    split is everything after it.
+    """
+    cut = int(len(text) * TRAIN_FRACTION)
+    newline = text.find("\n", cut)
+    cut = len(text) if newline == -1 else newline + 1
+    return text[:cut], text[cut:]
