@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -61,20 +63,29 @@ def make_reference(name: str, seed: int = 0):
 
 
 @pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory) -> dict:
+def random_checkpoints(tmp_path_factory) -> dict:
     """name -> (checkpoint dir, transformers reference model in fp32, eager attention)."""
     made = {}
     for name in TEXT_CONFIGS:
         model = make_reference(name)
         path = tmp_path_factory.mktemp(name)
         if name == "multimodal":
-            model.to(torch.bfloat16).save_pretrained(path, max_shard_size="100KB")  # sharded, with an index
-            model = model.float()
+            # bf16 on disk; the reference keeps the same bf16-rounded weights in fp32, but not
+            # rounded buffers (model.to(bf16) would also round the rotary frequencies)
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.copy_(parameter.to(torch.bfloat16))
+            copy.deepcopy(model).to(torch.bfloat16).save_pretrained(path, max_shard_size="100KB")  # sharded
         else:
             model.save_pretrained(path)
         made[name] = (path, model)
+    return made
+
+
+@pytest.fixture(scope="session")
+def checkpoints(random_checkpoints) -> dict:
+    """The random checkpoints and the embedded model, each with its transformers reference."""
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         EMBEDDED_MODEL, dtype=torch.float32, attn_implementation="eager"
     ).eval()
-    made["embedded"] = (EMBEDDED_MODEL, reference)
-    return made
+    return {**random_checkpoints, "embedded": (EMBEDDED_MODEL, reference)}

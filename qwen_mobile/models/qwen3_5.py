@@ -244,8 +244,8 @@ class Qwen35(nn.Module):
         """
         positions = input_pos[:1] + torch.arange(tokens.shape[1], device=tokens.device)
         continuing = (input_pos[:1] > 0).float()
-        cos, sin = self.rotary(positions)
         x = self.embed_tokens(tokens)
+        cos, sin = (t.to(x.dtype) for t in self.rotary(positions))  # as transformers rounds them
         new_state = []
         for layer, (first, second) in zip(self.layers, state):
             if layer.is_linear:

@@ -1,0 +1,138 @@
+"""The qwen-mobile command line: parse, call the library, print. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import DownloadColumn, Progress, TimeRemainingColumn
+from rich.table import Table
+
+from qwen_mobile.errors import QwenMobileError
+from qwen_mobile.registry import DEFAULT_BACKEND
+
+app = typer.Typer(
+    help="Export Qwen3.5 small models (0.8B-9B) to ExecuTorch, Core ML and TFLite/LiteRT, "
+    "quantized and verified on this CPU. MODEL is a checkpoint directory in Hugging Face "
+    "layout, a hub id, or omitted for the embedded qwen3.5-tiny.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+ModelArg = typer.Argument(None, help="Checkpoint directory or hub id [default: the embedded qwen3.5-tiny]")
+
+
+def _fail(error: QwenMobileError) -> None:
+    err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def info(model: Optional[str] = ModelArg, as_json: bool = typer.Option(False, "--json", help="Print JSON")):
+    """Layers by type, parameter counts, state and KV-cache sizes, and what is skipped."""
+    from qwen_mobile.checkpoint import open_checkpoint
+    from qwen_mobile.info import describe
+
+    try:
+        summary = describe(open_checkpoint(model))
+    except QwenMobileError as error:
+        _fail(error)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    table = Table(title=f"{summary['source']} ({summary['model_type']})", show_header=False)
+    layers = summary["layers"]
+    params = summary["parameters"]
+    rows = [
+        ("layers", f"{layers['total']}: {layers['linear_attention']} Gated DeltaNet, "
+         f"{layers['full_attention']} gated full attention ({layers['pattern']})"),
+        ("parameters", f"{params['total']:,} (embedding {params['embedding']:,}, "
+         + ("lm_head tied" if summary["tied_embeddings"] else f"lm_head {params['lm_head']:,}") + ")"),
+        ("  linear attention / full attention / mlp",
+         f"{params['linear_attention']:,} / {params['full_attention']:,} / {params['mlp']:,}"),
+        ("vocab / max positions", f"{summary['vocab_size']:,} / {summary['max_position_embeddings']:,}"),
+        ("recurrent + conv state per sequence", f"{summary['recurrent_state_bytes_per_sequence']:,} bytes (fp32)"),
+        ("KV cache per token of context",
+         f"{summary['kv_cache_bytes_per_token']['fp32']:,} bytes fp32, {summary['kv_cache_bytes_per_token']['fp16']:,} fp16"),
+        ("skipped", ", ".join(summary["skipped"]["parts"]) + f" ({summary['skipped']['tensors']} tensors)"
+         if summary["skipped"]["parts"] else "nothing"),
+        ("config hash", summary["config_hash"]),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    out.print(table)
+
+
+@app.command()
+def generate(
+    model: Optional[str] = ModelArg,
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue (or the user turn, with --chat)"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Stop after this many tokens"),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template"),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy; above 0 samples"),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature)"),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed"),
+    max_context: int = typer.Option(2048, "--max-context", min=2, help="Context length (prompt + output)"),
+):
+    """Generate with the export-ready model on this CPU. Only the continuation goes to stdout."""
+    from qwen_mobile.checkpoint import load, stop_token_ids
+    from qwen_mobile.generate import encode_prompt, generate_tokens, load_tokenizer, stream_text
+
+    try:
+        loaded = load(model)
+        tokenizer = load_tokenizer(loaded.checkpoint.path)
+        stops = stop_token_ids(loaded.checkpoint)
+        ids = encode_prompt(tokenizer, prompt, chat)
+        tokens = generate_tokens(
+            loaded.model, ids, max_new_tokens=max_new_tokens, max_context=max_context,
+            stop_ids=stops, temperature=temperature, top_p=top_p, seed=seed,
+        )
+        for piece in stream_text(tokenizer, tokens, stops):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except QwenMobileError as error:
+        _fail(error)
+
+
+@app.command()
+def export(
+    model: Optional[str] = ModelArg,
+    backend: str = typer.Option(DEFAULT_BACKEND, "--backend", "-b", help="Target runtime"),
+    quant: Optional[str] = typer.Option(None, "--quant", "-q", help="Quantization scheme [default: the backend's first]"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Bundle directory [default: MODEL-BACKEND-QUANT]"),
+):
+    """Write a bundle (artifact, tokenizer, manifest) that the demo apps run unchanged."""
+    from qwen_mobile.export import export_bundle
+
+    try:
+        bundle = export_bundle(model, backend, quant, out_dir)
+    except QwenMobileError as error:
+        _fail(error)
+    out.print(f"wrote {bundle}")
+
+
+@app.command()
+def fixture(
+    shape: str = typer.Option(..., "--shape", help="Real Qwen3.5 shape: 0.8b, 2b, 4b or 9b"),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to create"),
+    seed: int = typer.Option(0, "--seed", help="Seed for the random weights"),
+):
+    """A random-weight checkpoint at a real Qwen3.5 shape, for benchmarks and large-shape tests."""
+    from qwen_mobile.fixture import shape_config, write_fixture
+
+    try:
+        shape_config(shape)  # a bad --shape is reported before any progress bar appears
+        with Progress(*Progress.get_default_columns()[:-1], DownloadColumn(), TimeRemainingColumn(), console=err) as bar:
+            task = bar.add_task(f"qwen3.5 {shape} fixture", total=None)
+            path = write_fixture(shape, out_dir, seed, lambda done, total: bar.update(task, completed=done, total=total))
+    except QwenMobileError as error:
+        _fail(error)
+    out.print(f"wrote {path}")

@@ -1,0 +1,97 @@
+"""Text generation with the export-ready model on this CPU: chunked prefill, then decode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from qwen_mobile.errors import QwenMobileError
+from qwen_mobile.models.qwen3_5 import Qwen35, init_state
+
+PREFILL_CHUNK = 128
+
+
+def load_tokenizer(checkpoint_dir: Path):
+    """The checkpoint's own tokenizer (tokenizer.json + tokenizer_config.json with its chat template)."""
+    from transformers import AutoTokenizer
+
+    if not (checkpoint_dir / "tokenizer.json").is_file():
+        raise QwenMobileError(f"{checkpoint_dir / 'tokenizer.json'}: not found")
+    try:
+        return AutoTokenizer.from_pretrained(str(checkpoint_dir))
+    except Exception as error:  # transformers raises many types for a malformed tokenizer
+        raise QwenMobileError(f"{checkpoint_dir / 'tokenizer.json'}: cannot be loaded ({error})") from None
+
+
+def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+    if not chat:
+        return tokenizer.encode(text, add_special_tokens=False)
+    if not tokenizer.chat_template:
+        raise QwenMobileError("--chat: tokenizer_config.json has no chat_template")
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """Greedy at temperature 0; otherwise nucleus sampling over the top_p probability mass."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(descending=True)
+    # keep the smallest prefix whose mass reaches top_p (always at least one token)
+    outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+    return int(order[choice])
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: Qwen35,
+    prompt: list[int],
+    *,
+    max_new_tokens: int,
+    max_context: int,
+    stop_ids: tuple[int, ...] = (),
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> Iterator[int]:
+    """Yields new token ids until a stop id (yielded too), max_new_tokens, or a full context."""
+    if not prompt:
+        raise QwenMobileError("--prompt is empty")
+    if len(prompt) >= max_context:
+        raise QwenMobileError(
+            f"--prompt is {len(prompt)} tokens; the context holds {max_context} (raise --max-context)"
+        )
+    generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
+    state = init_state(model.config, max_context)
+    for start in range(0, len(prompt), PREFILL_CHUNK):
+        chunk = torch.tensor([prompt[start : start + PREFILL_CHUNK]])
+        logits, state = model(chunk, torch.tensor([start]), state)
+    position = len(prompt)
+    for _ in range(max_new_tokens):
+        token = next_token(logits[0], temperature, top_p, generator)
+        yield token
+        if token in stop_ids or position >= max_context:
+            return
+        logits, state = model(torch.tensor([[token]]), torch.tensor([position]), state)
+        position += 1
+
+
+def stream_text(tokenizer, tokens: Iterator[int], stop_ids: tuple[int, ...]) -> Iterator[str]:
+    """Decoded text as it grows; byte-level BPE may split a character across tokens,
+    so a piece is released only once it decodes without a replacement character."""
+    generated: list[int] = []
+    shown = ""
+    for token in tokens:
+        if token in stop_ids:
+            break
+        generated.append(token)
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and len(text) > len(shown):
+            yield text[len(shown) :]
+            shown = text

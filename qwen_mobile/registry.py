@@ -1,0 +1,59 @@
+"""Finds the backends installed under `qwen_mobile.backends` without importing their runtimes."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Callable
+
+from qwen_mobile.errors import QwenMobileError
+
+DEFAULT_BACKEND = "executorch"
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """What a backend declares in its package `__init__.py` (as `BACKEND`)."""
+
+    name: str  # the --backend value
+    summary: str  # one line for --help and error messages
+    artifact: str  # the artifact's file name inside a bundle
+    quant_schemes: tuple[str, ...]  # the --quant values it encodes; the first is the default
+    exporter: str  # "module:function", imported only when an export runs
+
+    def load_exporter(self) -> Callable:
+        module_name, _, function = self.exporter.partition(":")
+        return getattr(importlib.import_module(module_name), function)
+
+
+def discover() -> dict[str, BackendSpec]:
+    import qwen_mobile.backends as package
+
+    specs = {}
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.ispkg:
+            spec = getattr(importlib.import_module(f"{package.__name__}.{module.name}"), "BACKEND", None)
+            if isinstance(spec, BackendSpec):
+                specs[spec.name] = spec
+    return dict(sorted(specs.items()))
+
+
+def describe_available(specs: dict[str, BackendSpec]) -> str:
+    if not specs:
+        return "no backend is installed yet"
+    return "available: " + ", ".join(specs)
+
+
+def get_backend(name: str, quant: str | None) -> tuple[BackendSpec, str]:
+    """The backend named by --backend and the quant scheme to use, or a one-line error."""
+    specs = discover()
+    if name not in specs:
+        raise QwenMobileError(f"--backend {name!r} is unknown; {describe_available(specs)}")
+    spec = specs[name]
+    quant = quant or spec.quant_schemes[0]
+    if quant not in spec.quant_schemes:
+        raise QwenMobileError(
+            f"--quant {quant!r} is not supported by the {name} backend; it supports {', '.join(spec.quant_schemes)}"
+        )
+    return spec, quant
