@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +29,15 @@ out = Console()
 err = Console(stderr=True)
 
 ModelArg = typer.Argument(None, help="Checkpoint directory or hub id [default: the embedded qwen3.5-tiny]")
+
+
+@contextlib.contextmanager
+def quiet_warnings():
+    """The exporters' libraries warn about their own internals (deprecations, mutated
+    buffers); none of it is actionable for a user of this command."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _fail(error: QwenMobileError) -> None:
@@ -113,7 +124,8 @@ def export(
     from qwen_mobile.export import export_bundle
 
     try:
-        bundle = export_bundle(model, backend, quant, out_dir)
+        with err.status(f"exporting to {backend}: load, lower, write, verify through the runtime"), quiet_warnings():
+            bundle = export_bundle(model, backend, quant, out_dir)
     except QwenMobileError as error:
         _fail(error)
     out.print(f"wrote {bundle}")

@@ -22,6 +22,7 @@ def staged_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
         raise QwenMobileError(f"{target}: already exists (choose another --out or remove it)")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
     try:
         yield staging
         if target.exists():

@@ -27,7 +27,6 @@ import math
 import random
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np

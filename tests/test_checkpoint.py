@@ -1,4 +1,4 @@
-"""Loading checkpoints: both layouts, all weight dtypes, and one-line errors for bad input."""
+"""Loading random_checkpoints: both layouts, all weight dtypes, and one-line errors for bad input."""
 
 import json
 import shutil
@@ -12,28 +12,28 @@ from qwen_mobile.errors import QwenMobileError
 
 
 @pytest.fixture
-def copy_of(checkpoints, tmp_path):
+def copy_of(random_checkpoints, tmp_path):
     def make(name):
         target = tmp_path / name
-        shutil.copytree(checkpoints[name][0], target)
+        shutil.copytree(random_checkpoints[name][0], target)
         return target
 
     return make
 
 
-def test_both_layouts_load_and_report_what_is_skipped(checkpoints):
-    causal = open_checkpoint(str(checkpoints["grouped3"][0]))
+def test_both_layouts_load_and_report_what_is_skipped(random_checkpoints):
+    causal = open_checkpoint(str(random_checkpoints["grouped3"][0]))
     assert causal.config.model_type == "qwen3_5_text" and causal.config.skipped == ()
-    multimodal = open_checkpoint(str(checkpoints["multimodal"][0]))
+    multimodal = open_checkpoint(str(random_checkpoints["multimodal"][0]))
     assert multimodal.config.model_type == "qwen3_5"
     assert "vision tower" in multimodal.config.skipped
     assert multimodal.skipped_tensors > 0
 
 
-def test_tied_and_untied_embeddings(checkpoints):
-    tied = load(str(checkpoints["multimodal"][0])).model
+def test_tied_and_untied_embeddings(random_checkpoints):
+    tied = load(str(random_checkpoints["multimodal"][0])).model
     assert tied.lm_head.weight is tied.embed_tokens.weight
-    untied = load(str(checkpoints["grouped3"][0])).model
+    untied = load(str(random_checkpoints["grouped3"][0])).model
     assert not torch.equal(untied.lm_head.weight, untied.embed_tokens.weight)
 
 

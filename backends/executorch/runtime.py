@@ -1,0 +1,46 @@
+"""Run a written `.pte` through the ExecuTorch runtime, as an app would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qwen_mobile.errors import QwenMobileError
+
+
+def register_llama_kernels() -> None:
+    """ExecuTorch's LLM custom ops library (llama::gated_delta_rule among them): importing it
+    registers its kernels with the runtime, which the program needs to load."""
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+
+
+def load_forward(pte: Path):
+    """The program's `forward` method, with the llama:: kernels registered.
+
+    Each call loads the program afresh, so its state buffers start zeroed; successive
+    `execute` calls on the returned method share that state.
+    """
+    from executorch.runtime import Runtime
+
+    register_llama_kernels()
+    try:
+        program = Runtime.get().load_program(Path(pte))
+        method = program.load_method("forward")
+    except Exception as error:  # the runtime raises RuntimeError or ValueError for unreadable programs
+        raise QwenMobileError(f"{pte}: the ExecuTorch runtime cannot load it ({first_line(error)})") from None
+    method.program = program  # the method runs on the program's memory: keep it alive as long as the method
+    return method
+
+
+def step(method, tokens: torch.Tensor, input_pos: int) -> torch.Tensor:
+    """Feed tokens [1, T] at positions input_pos.. and return the last position's logits [1, vocab]."""
+    try:
+        (logits,) = method.execute((tokens, torch.tensor([input_pos], dtype=torch.long)))
+    except Exception as error:
+        raise QwenMobileError(f"the ExecuTorch runtime failed at input_pos {input_pos} ({first_line(error)})") from None
+    return logits
+
+
+def first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__

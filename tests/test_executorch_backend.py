@@ -1,0 +1,186 @@
+"""The ExecuTorch backend end to end: lower, write, run the written .pte through the runtime, gate, publish.
+
+One export (the slow part, about a minute on two cores) is shared by the module; the
+tests that need a failing or refused export reuse its program instead of lowering again.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen_mobile.backends.executorch import bundle, lower, runtime, verify
+from qwen_mobile.checkpoint import load, stop_token_ids
+from qwen_mobile.errors import QwenMobileError
+from qwen_mobile.export import export_bundle
+from qwen_mobile.generate import generate_tokens, load_tokenizer
+from qwen_mobile.ops.gated_delta_rule import recurrent_gated_delta_rule
+
+PROMPT = "ROMEO:\nWhat light"
+
+
+@pytest.fixture(scope="module")
+def source() -> None:
+    """The embedded model (MODEL omitted, as on the command line)."""
+    return None
+
+
+@pytest.fixture(scope="module")
+def loaded(source):
+    return load(source)
+
+
+@pytest.fixture(scope="module")
+def exported(source, tmp_path_factory) -> Path:
+    """A bundle written by the real export path, with the default quant scheme."""
+    return export_bundle(source, "executorch", None, tmp_path_factory.mktemp("export") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def manifest(exported) -> dict:
+    return json.loads((exported / "manifest.json").read_text())
+
+
+def lengths(manifest: dict) -> tuple[int, int]:
+    return manifest["max_context"], manifest["max_seq_len"]
+
+
+def test_the_native_adapter_matches_our_op_contract():
+    """Layouts, grouping (3 value heads per key head) and the exp of the log decay, checked in eager."""
+    generator = torch.Generator().manual_seed(0)
+    for length in (1, 37):
+        q, k = (torch.nn.functional.normalize(torch.randn(1, length, 2, 16, generator=generator), dim=-1) for _ in "qk")
+        v = torch.randn(1, length, 6, 8, generator=generator)
+        g = -torch.rand(1, length, 6, generator=generator)
+        beta = torch.rand(1, length, 6, generator=generator)
+        state = torch.randn(1, 6, 16, 8, generator=generator)
+        expected_out, expected_state = recurrent_gated_delta_rule(q, k, v, g, beta, state)
+        out, final = lower.native_gated_delta_rule(q, k, v, g, beta, state)
+        torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(final, expected_state, atol=1e-5, rtol=1e-4)
+
+
+def test_the_bundle_holds_every_file_and_describes_the_program(exported, manifest, loaded):
+    assert sorted(p.name for p in exported.iterdir()) == ["manifest.json", "model.pte", *bundle.TOKENIZER_FILES]
+    checkpoint = loaded.checkpoint
+    for name in bundle.TOKENIZER_FILES:
+        assert (exported / name).read_bytes() == (checkpoint.path / name).read_bytes()
+    assert manifest["format_version"] == 1 and manifest["backend"] == "executorch"
+    assert manifest["artifact"] == "model.pte" and manifest["quant"] == {"scheme": "fp32"}
+    assert manifest["source"]["config_hash"] == checkpoint.config_hash
+    assert manifest["max_context"] == min(2048, checkpoint.config.max_position_embeddings)
+    assert manifest["special_tokens"] == {"bos": 1, "eos": list(stop_token_ids(checkpoint))}  # <|im_start|> is 1
+    assert manifest["chat_template"] == json.loads((checkpoint.path / "tokenizer_config.json").read_text())["chat_template"]
+    methods = manifest["methods"]
+    assert methods["forward"]["outputs"] == [{"name": "logits", "dtype": "float32", "shape": [1, checkpoint.config.vocab_size]}]
+    assert methods["get_vocab_size"]["outputs"] == [{"value": checkpoint.config.vocab_size}]
+    assert methods["get_eos_ids"]["outputs"] == [{"value": list(stop_token_ids(checkpoint))}]
+    recurrent = manifest["state"]["linear_attention"]["buffers"]["recurrent_state"]
+    assert recurrent["dtype"] == "float32"
+    assert manifest["state"]["full_attention"]["buffers"]["key_cache"]["shape"][2] == manifest["max_context"]
+    assert manifest["parity"]["passed"] and manifest["parity"]["ratio_to_std"] <= verify.TOLERANCE
+
+
+def test_the_runtime_matches_eager_within_the_gate(exported, manifest, loaded):
+    parity = verify.check_parity(exported / "model.pte", loaded.model, *lengths(manifest))
+    assert parity.tokens_fed >= 64 and len(parity.prefill_chunks) >= 2 and parity.decode_steps >= 16
+    assert parity.max_abs_diff <= verify.TOLERANCE * parity.reference_std
+    assert parity.top1_agreement >= 0.95
+    assert parity.passed
+
+
+def test_the_written_program_calls_the_native_kernel_and_not_ours(exported):
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    plan = deserialize_pte_binary((exported / "model.pte").read_bytes()).program.execution_plan[0]
+    operators = {op.name for op in plan.operators}
+    assert "llama::gated_delta_rule" in operators
+    assert not any(name.startswith("qwen_mobile::") for name in operators)
+    assert {delegate.id for delegate in plan.delegates} == {"XnnpackBackend"}
+
+
+def test_input_pos_0_starts_a_new_sequence_on_the_same_method(exported, manifest, loaded):
+    prefill, decode = verify.feeding_plan(*lengths(manifest))
+    plan = prefill + decode
+    vocab = loaded.checkpoint.config.vocab_size
+    first_tokens = verify.sample_tokens(vocab, plan[-1][1])
+    other_tokens = (first_tokens * 7 + 3) % vocab
+    method = runtime.load_forward(exported / "model.pte")
+    first = verify.runtime_logits(method, first_tokens, plan)
+    verify.runtime_logits(method, other_tokens, plan)
+    again = verify.runtime_logits(method, first_tokens, plan)
+    assert torch.equal(again, first)
+
+
+def test_the_program_answers_the_runners_metadata_methods(exported, manifest):
+    from executorch.runtime import Runtime
+
+    runtime.register_llama_kernels()
+    program = Runtime.get().load_program(exported / "model.pte")
+    constants = {name: method["outputs"][0]["value"] for name, method in manifest["methods"].items() if name != "forward"}
+    assert program.method_names == {"forward", *constants}
+    answers = {name: list(program.load_method(name).execute([])) for name in constants}
+    assert answers == {name: value if isinstance(value, list) else [value] for name, value in constants.items()}
+    assert answers["get_bos_id"] == [1] and answers["get_max_seq_len"] == [manifest["max_seq_len"]]
+
+
+def test_executorchs_own_llm_runner_drives_the_bundle(exported, manifest, loaded):
+    """The constant methods are enough for ExecuTorch's TextLLMRunner; its greedy text is eager's."""
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    tokenizer = load_tokenizer(loaded.checkpoint.path)
+    runtime.register_llama_kernels()
+    runner = TextLLMRunner(str(exported / "model.pte"), str(exported / "tokenizer.json"))
+    pieces = []
+    config = GenerationConfig(echo=False, max_new_tokens=12, temperature=0.0)
+    runner.generate(PROMPT, config, token_callback=pieces.append)
+
+    prompt_ids = tokenizer.encode(PROMPT, add_special_tokens=False)
+    expected = generate_tokens(
+        loaded.model, prompt_ids, max_new_tokens=12, max_context=manifest["max_context"],
+        stop_ids=stop_token_ids(loaded.checkpoint), temperature=0.0, top_p=1.0, seed=0,
+    )
+    assert "".join(pieces) == tokenizer.decode(list(expected))
+
+
+def gate_fails(pte: Path, model, manifest) -> bool:
+    try:
+        return not verify.check_parity(pte, model, *lengths(manifest)).passed
+    except QwenMobileError:
+        return True
+
+
+def test_a_corrupted_or_truncated_program_fails_verification(exported, manifest, loaded, tmp_path):
+    data = (exported / "model.pte").read_bytes()
+    middle = len(data) // 2
+    flipped = data[:middle] + bytes(b ^ 0xFF for b in data[middle : middle + 4096]) + data[middle + 4096 :]
+    (tmp_path / "flipped.pte").write_bytes(flipped)
+    (tmp_path / "truncated.pte").write_bytes(data[:middle])
+    assert gate_fails(tmp_path / "flipped.pte", loaded.model, manifest)
+    assert gate_fails(tmp_path / "truncated.pte", loaded.model, manifest)
+    with pytest.raises(QwenMobileError, match="cannot load"):
+        runtime.load_forward(tmp_path / "truncated.pte")
+
+
+def test_an_existing_directory_is_refused(source, tmp_path):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(QwenMobileError, match="already exists"):
+        export_bundle(source, "executorch", "fp32", tmp_path / "taken")
+
+
+def test_a_failing_gate_leaves_no_bundle(exported, source, tmp_path, monkeypatch):
+    """The gate itself is untouched: the eager reference it compares against is shifted."""
+    written = lower.LoweredProgram((exported / "model.pte").read_bytes(), set())
+    monkeypatch.setattr(lower, "lower", lambda *args: written)  # the real lowering already ran in `exported`
+    reference = verify.reference_logits
+    monkeypatch.setattr(verify, "reference_logits", lambda *args: reference(*args) + 1.0)
+    with pytest.raises(QwenMobileError, match="disagrees with the eager model"):
+        export_bundle(source, "executorch", None, tmp_path / "bundle")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_other_quant_schemes_are_not_claimed():
+    assert bundle.BACKEND.quant_schemes == ("fp32",)
+    with pytest.raises(QwenMobileError, match="--quant 'int8'"):
+        export_bundle(None, "executorch", "int8", Path("unused"))
