@@ -94,7 +94,7 @@ def generate(
 ):
     """Generate with the export-ready model on this CPU. Only the continuation goes to stdout."""
     from qwen_mobile.checkpoint import load, stop_token_ids
-    from qwen_mobile.generate import encode_prompt, generate_tokens, load_tokenizer, stream_text
+    from qwen_mobile.generate import eager_step, encode_prompt, generate_tokens, load_tokenizer, stream_text
 
     try:
         loaded = load(model)
@@ -102,7 +102,7 @@ def generate(
         stops = stop_token_ids(loaded.checkpoint)
         ids = encode_prompt(tokenizer, prompt, chat)
         tokens = generate_tokens(
-            loaded.model, ids, max_new_tokens=max_new_tokens, max_context=max_context,
+            eager_step(loaded.model, max_context), ids, max_new_tokens=max_new_tokens, max_context=max_context,
             stop_ids=stops, temperature=temperature, top_p=top_p, seed=seed,
         )
         for piece in stream_text(tokenizer, tokens, stops):
@@ -129,6 +129,62 @@ def export(
     except QwenMobileError as error:
         _fail(error)
     out.print(f"wrote {bundle}")
+
+
+BundleArg = typer.Argument(..., help="A bundle directory written by `qwen-mobile export`")
+
+
+@app.command()
+def verify(bundle: Path = BundleArg, as_json: bool = typer.Option(False, "--json", help="Print JSON")):
+    """Re-run the parity gate on the artifact as written, through its runtime. Exit 1 if it fails."""
+    from qwen_mobile.bundle import verify_bundle
+
+    try:
+        with err.status(f"verifying {bundle}"), quiet_warnings():
+            result = verify_bundle(bundle)
+    except QwenMobileError as error:
+        _fail(error)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        table = Table(title=f"{bundle}: {'PASS' if result['passed'] else 'FAIL'}", show_header=False)
+        for name, value in result.items():
+            table.add_row(name, f"{value:.4g}" if isinstance(value, float) else str(value))
+        out.print(table)
+    if not result["passed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    bundle: Path = BundleArg,
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue (or the user turn, with --chat)"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Stop after this many tokens"),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the bundle's chat template"),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy; above 0 samples"),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature)"),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed"),
+):
+    """Stream text from a bundle through its backend's runtime on this CPU. Only the continuation goes to stdout."""
+    from qwen_mobile.bundle import open_runner
+    from qwen_mobile.generate import encode_prompt, generate_tokens, load_tokenizer, stream_text
+
+    try:
+        with quiet_warnings():
+            runner, manifest = open_runner(bundle)
+        tokenizer = load_tokenizer(bundle)
+        stops = tuple(manifest["special_tokens"]["eos"])
+        tokens = generate_tokens(
+            runner.step, encode_prompt(tokenizer, prompt, chat), max_new_tokens=max_new_tokens,
+            max_context=runner.max_context, max_chunk=runner.max_chunk, stop_ids=stops,
+            temperature=temperature, top_p=top_p, seed=seed,
+        )
+        for piece in stream_text(tokenizer, tokens, stops):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except QwenMobileError as error:
+        _fail(error)
 
 
 @app.command()

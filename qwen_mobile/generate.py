@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -48,19 +48,37 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator
     return int(order[choice])
 
 
-@torch.no_grad()
+Step = Callable[[list[int], int], torch.Tensor]
+"""Feed token ids at positions start.. of the current sequence; return the last position's logits [vocab]."""
+
+
+def eager_step(model: Qwen35, max_context: int) -> Step:
+    """The export-ready model on this CPU, its state kept between calls."""
+    state = init_state(model.config, max_context)
+
+    @torch.no_grad()
+    def step(tokens: list[int], start: int) -> torch.Tensor:
+        nonlocal state
+        logits, state = model(torch.tensor([tokens]), torch.tensor([start]), state)
+        return logits[0]
+
+    return step
+
+
 def generate_tokens(
-    model: Qwen35,
+    step: Step,
     prompt: list[int],
     *,
     max_new_tokens: int,
     max_context: int,
+    max_chunk: int = PREFILL_CHUNK,
     stop_ids: tuple[int, ...] = (),
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
 ) -> Iterator[int]:
-    """Yields new token ids until a stop id (yielded too), max_new_tokens, or a full context."""
+    """Yields new token ids until a stop id (yielded too), max_new_tokens, or a full context.
+    The prompt goes in as prefill chunks of up to max_chunk tokens, then one token per step."""
     if not prompt:
         raise QwenMobileError("--prompt is empty")
     if len(prompt) >= max_context:
@@ -68,17 +86,15 @@ def generate_tokens(
             f"--prompt is {len(prompt)} tokens; the context holds {max_context} (raise --max-context)"
         )
     generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
-    state = init_state(model.config, max_context)
-    for start in range(0, len(prompt), PREFILL_CHUNK):
-        chunk = torch.tensor([prompt[start : start + PREFILL_CHUNK]])
-        logits, state = model(chunk, torch.tensor([start]), state)
+    for start in range(0, len(prompt), max_chunk):
+        logits = step(prompt[start : start + max_chunk], start)
     position = len(prompt)
     for _ in range(max_new_tokens):
-        token = next_token(logits[0], temperature, top_p, generator)
+        token = next_token(logits, temperature, top_p, generator)
         yield token
         if token in stop_ids or position >= max_context:
             return
-        logits, state = model(torch.tensor([[token]]), torch.tensor([position]), state)
+        logits = step([token], position)
         position += 1
 
 

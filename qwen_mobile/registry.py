@@ -20,11 +20,33 @@ class BackendSpec:
     summary: str  # one line for --help and error messages
     artifact: str  # the artifact's file name inside a bundle
     quant_schemes: tuple[str, ...]  # the --quant values it encodes; the first is the default
-    exporter: str  # "module:function", imported only when an export runs
+    # "module:function" entry points, imported only when used:
+    exporter: str  # (loaded: LoadedModel, quant, out) -> bundle Path
+    verifier: str  # (bundle Path, manifest dict) -> parity dict with "passed", on the artifact as written
+    runner: str  # (bundle Path, manifest dict) -> Runner, through the backend's runtime on this CPU
 
     def load_exporter(self) -> Callable:
-        module_name, _, function = self.exporter.partition(":")
-        return getattr(importlib.import_module(module_name), function)
+        return _entry_point(self.exporter)
+
+    def load_verifier(self) -> Callable:
+        return _entry_point(self.verifier)
+
+    def load_runner(self) -> Callable:
+        return _entry_point(self.runner)
+
+
+@dataclass
+class Runner:
+    """A loaded artifact, driven the way generate.generate_tokens drives the eager model."""
+
+    step: Callable  # (token ids, start position) -> last position's logits [vocab]
+    max_context: int
+    max_chunk: int  # the most tokens one step takes
+
+
+def _entry_point(spec: str) -> Callable:
+    module_name, _, function = spec.partition(":")
+    return getattr(importlib.import_module(module_name), function)
 
 
 def discover() -> dict[str, BackendSpec]:

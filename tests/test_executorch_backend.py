@@ -5,6 +5,7 @@ tests that need a failing or refused export reuse its program instead of lowerin
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from qwen_mobile.backends.executorch import bundle, lower, runtime, verify
 from qwen_mobile.checkpoint import load, stop_token_ids
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.export import export_bundle
-from qwen_mobile.generate import generate_tokens, load_tokenizer
+from qwen_mobile.generate import eager_step, generate_tokens, load_tokenizer
 from qwen_mobile.ops.gated_delta_rule import recurrent_gated_delta_rule
 
 PROMPT = "ROMEO:\nWhat light"
@@ -138,7 +139,7 @@ def test_executorchs_own_llm_runner_drives_the_bundle(exported, manifest, loaded
 
     prompt_ids = tokenizer.encode(PROMPT, add_special_tokens=False)
     expected = generate_tokens(
-        loaded.model, prompt_ids, max_new_tokens=12, max_context=manifest["max_context"],
+        eager_step(loaded.model, manifest["max_context"]), prompt_ids, max_new_tokens=12, max_context=manifest["max_context"],
         stop_ids=stop_token_ids(loaded.checkpoint), temperature=0.0, top_p=1.0, seed=0,
     )
     assert "".join(pieces) == tokenizer.decode(list(expected))
@@ -184,3 +185,33 @@ def test_other_quant_schemes_are_not_claimed():
     assert bundle.BACKEND.quant_schemes == ("fp32",)
     with pytest.raises(QwenMobileError, match="--quant 'int8'"):
         export_bundle(None, "executorch", "int8", Path("unused"))
+
+
+def test_verify_command_passes_the_bundle_and_fails_a_corrupted_copy(exported, tmp_path):
+    from typer.testing import CliRunner
+
+    from qwen_mobile.cli import app
+
+    passed = CliRunner().invoke(app, ["verify", str(exported), "--json"])
+    assert passed.exit_code == 0, passed.output
+    assert json.loads(passed.stdout)["passed"] is True
+
+    corrupted = tmp_path / "corrupted"
+    shutil.copytree(exported, corrupted)
+    data = bytearray((corrupted / "model.pte").read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = bytes(b ^ 0xFF for b in data[middle : middle + 4096])
+    (corrupted / "model.pte").write_bytes(bytes(data))
+    failed = CliRunner().invoke(app, ["verify", str(corrupted), "--json"])
+    assert failed.exit_code != 0
+
+
+def test_run_command_streams_what_the_eager_model_generates(exported):
+    from typer.testing import CliRunner
+
+    from qwen_mobile.cli import app
+
+    through_runtime = CliRunner().invoke(app, ["run", str(exported), "-p", PROMPT, "-n", "20"])
+    eager = CliRunner().invoke(app, ["generate", "-p", PROMPT, "-n", "20"])
+    assert through_runtime.exit_code == 0, through_runtime.output
+    assert through_runtime.stdout == eager.stdout and through_runtime.stdout.strip()

@@ -7,8 +7,10 @@ import textwrap
 import pytest
 
 import qwen_mobile.backends
+from qwen_mobile.bundle import open_runner, verify_bundle
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.export import export_bundle
+from qwen_mobile.generate import generate_tokens
 from qwen_mobile.registry import discover, get_backend
 
 HEAVY_RUNTIMES = ("executorch", "coremltools", "litert_torch", "ai_edge_litert")
@@ -25,13 +27,28 @@ def fake_backend(tmp_path, monkeypatch):
         BACKEND = BackendSpec(
             name="fakert", summary="a test runtime", artifact="model.fake",
             quant_schemes=("fp32", "int8"), exporter="qwen_mobile.backends.fakert.lower:export",
+            verifier="qwen_mobile.backends.fakert.lower:verify", runner="qwen_mobile.backends.fakert.lower:run",
         )
     """))
     (package / "lower.py").write_text(textwrap.dedent("""
+        import json
+
+        import torch
+
+        from qwen_mobile.registry import Runner
+
         def export(loaded, quant, out):
             out.mkdir()
             (out / "model.fake").write_text(f"{loaded.checkpoint.source} {quant}")
+            (out / "manifest.json").write_text(json.dumps({"backend": "fakert", "quant": quant}))
             return out
+
+        def verify(bundle, manifest):
+            return {"passed": (bundle / "model.fake").read_text().endswith(manifest["quant"])}
+
+        def run(bundle, manifest):
+            return Runner(lambda tokens, start: torch.nn.functional.one_hot(torch.tensor(start + len(tokens)), 9).float(),
+                          max_context=8, max_chunk=4)
     """))
     monkeypatch.setattr(qwen_mobile.backends, "__path__", [*qwen_mobile.backends.__path__, str(tmp_path)])
     yield "fakert"
@@ -43,6 +60,24 @@ def test_a_new_backend_folder_is_found_and_exports(fake_backend, tmp_path):
     assert fake_backend in discover()
     bundle = export_bundle(None, fake_backend, None, tmp_path / "bundle")
     assert (bundle / "model.fake").read_text() == "qwen3.5-tiny fp32"
+
+
+def test_bundles_are_verified_and_run_by_the_backend_that_wrote_them(fake_backend, tmp_path):
+    bundle = export_bundle(None, fake_backend, "int8", tmp_path / "bundle")
+    assert verify_bundle(bundle) == {"passed": True}
+    (bundle / "model.fake").write_text("tampered")
+    assert verify_bundle(bundle) == {"passed": False}
+    runner, _ = open_runner(bundle)
+    tokens = list(generate_tokens(runner.step, [0, 1, 2, 3, 4], max_new_tokens=2, max_context=runner.max_context,
+                                  max_chunk=runner.max_chunk))
+    assert tokens == [5, 6]  # the fake logits point at the next position: every step was fed in order
+
+
+def test_a_bundle_without_its_artifact_is_refused(fake_backend, tmp_path):
+    bundle = export_bundle(None, fake_backend, None, tmp_path / "bundle")
+    (bundle / "model.fake").unlink()
+    with pytest.raises(QwenMobileError, match="model.fake: missing"):
+        verify_bundle(bundle)
 
 
 def test_quant_scheme_outside_the_backend_is_rejected(fake_backend):

@@ -12,4 +12,6 @@ BACKEND = BackendSpec(
     artifact="model.pte",
     quant_schemes=("fp32",),
     exporter="qwen_mobile.backends.executorch.bundle:export",
+    verifier="qwen_mobile.backends.executorch.verify:verify_bundle",
+    runner="qwen_mobile.backends.executorch.runtime:load_runner",
 )

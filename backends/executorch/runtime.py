@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from qwen_mobile.errors import QwenMobileError
+from qwen_mobile.registry import Runner
 
 
 def register_llama_kernels() -> None:
@@ -44,3 +45,13 @@ def step(method, tokens: torch.Tensor, input_pos: int) -> torch.Tensor:
 
 def first_line(error: Exception) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def load_runner(bundle: Path, manifest: dict) -> Runner:
+    """`qwen-mobile run`: the bundle's program, stepped one call per prefill chunk or decode token."""
+    method = load_forward(bundle / "model.pte")
+
+    def run_step(tokens: list[int], start: int) -> torch.Tensor:
+        return step(method, torch.tensor([tokens], dtype=torch.long), start)[0]
+
+    return Runner(run_step, max_context=manifest["max_context"], max_chunk=manifest["max_seq_len"])

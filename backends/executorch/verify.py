@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from qwen_mobile.checkpoint import load
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.models.qwen3_5 import Qwen35, init_state
 
@@ -126,3 +127,16 @@ def require_parity(pte: Path, model: Qwen35, max_context: int, max_seq_len: int)
     if not parity.passed:
         raise QwenMobileError(f"{pte.name}: the ExecuTorch runtime disagrees with the eager model: {parity.summary()}")
     return parity
+
+
+def verify_bundle(bundle: Path, manifest: dict) -> dict:
+    """`qwen-mobile verify`: the gate again, on the bundle's model.pte against its source checkpoint."""
+    source = manifest.get("source", {})
+    loaded = load(source.get("checkpoint"))
+    if loaded.checkpoint.config_hash != source.get("config_hash"):
+        raise QwenMobileError(
+            f"{bundle / 'manifest.json'}: source {source.get('checkpoint')!r} no longer has the config it was "
+            "exported from (config_hash differs)"
+        )
+    parity = check_parity(bundle / "model.pte", loaded.model, manifest["max_context"], manifest["max_seq_len"])
+    return parity.to_manifest()
