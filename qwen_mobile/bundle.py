@@ -9,6 +9,17 @@ from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.registry import BackendSpec, Runner, discover
 
 MANIFEST = "manifest.json"
+SCHEMA = Path(__file__).resolve().parent / "schemas" / "manifest.schema.json"
+
+
+def validate_manifest(manifest: dict, where: Path) -> None:
+    """Every manifest written or read must match the documented schema."""
+    import jsonschema
+
+    errors = sorted(jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text())).iter_errors(manifest), key=str)
+    if errors:
+        field = "/".join(str(p) for p in errors[0].absolute_path) or "(top level)"
+        raise QwenMobileError(f"{where}: field {field}: {errors[0].message} (see {SCHEMA.name})")
 
 
 def read_manifest(bundle: Path) -> tuple[dict, BackendSpec]:
@@ -19,8 +30,9 @@ def read_manifest(bundle: Path) -> tuple[dict, BackendSpec]:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise QwenMobileError(f"{path}: not valid JSON ({error})") from None
+    validate_manifest(manifest, path)
     specs = discover()
-    backend = manifest.get("backend") if isinstance(manifest, dict) else None
+    backend = manifest["backend"]
     if backend not in specs:
         raise QwenMobileError(f"{path}: backend {backend!r} is not installed; {', '.join(specs) or 'none is'}")
     artifact = Path(bundle) / specs[backend].artifact

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from qwen_mobile.backends.executorch import bundle, lower, runtime, verify
+from qwen_mobile.bundle import validate_manifest
 from qwen_mobile.checkpoint import load, stop_token_ids
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.export import export_bundle
@@ -81,6 +82,7 @@ def test_the_bundle_holds_every_file_and_describes_the_program(exported, manifes
     assert recurrent["dtype"] == "float32"
     assert manifest["state"]["full_attention"]["buffers"]["key_cache"]["shape"][2] == manifest["max_context"]
     assert manifest["parity"]["passed"] and manifest["parity"]["ratio_to_std"] <= verify.TOLERANCE
+    validate_manifest(manifest, exported / "manifest.json")  # the documented schema
 
 
 def test_the_runtime_matches_eager_within_the_gate(exported, manifest, loaded):

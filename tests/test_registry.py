@@ -1,5 +1,6 @@
 """The backend registry: backends are found by folder, and the core never imports their runtimes."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -40,11 +41,18 @@ def fake_backend(tmp_path, monkeypatch):
         def export(loaded, quant, out):
             out.mkdir()
             (out / "model.fake").write_text(f"{loaded.checkpoint.source} {quant}")
-            (out / "manifest.json").write_text(json.dumps({"backend": "fakert", "quant": quant}))
+            manifest = {
+                "format_version": 1, "backend": "fakert", "artifact": "model.fake", "quant": {"scheme": quant},
+                "source": {"checkpoint": loaded.checkpoint.source, "config_hash": loaded.checkpoint.config_hash},
+                "vocab_size": 9, "max_context": 8, "special_tokens": {"eos": [0]}, "chat_template": None,
+                "methods": {"forward": {"inputs": [], "outputs": []}}, "state": {},
+                "parity": {"passed": True, "tolerance": 0.0}, "tools": {},
+            }
+            (out / "manifest.json").write_text(json.dumps(manifest))
             return out
 
         def verify(bundle, manifest):
-            return {"passed": (bundle / "model.fake").read_text().endswith(manifest["quant"])}
+            return {"passed": (bundle / "model.fake").read_text().endswith(manifest["quant"]["scheme"])}
 
         def run(bundle, manifest):
             return Runner(lambda tokens, start: torch.nn.functional.one_hot(torch.tensor(start + len(tokens)), 9).float(),
@@ -77,6 +85,15 @@ def test_a_bundle_without_its_artifact_is_refused(fake_backend, tmp_path):
     bundle = export_bundle(None, fake_backend, None, tmp_path / "bundle")
     (bundle / "model.fake").unlink()
     with pytest.raises(QwenMobileError, match="model.fake: missing"):
+        verify_bundle(bundle)
+
+
+def test_a_manifest_off_the_schema_is_a_one_line_error_naming_the_field(fake_backend, tmp_path):
+    bundle = export_bundle(None, fake_backend, None, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["special_tokens"]["eos"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(QwenMobileError, match="manifest.json: field special_tokens: 'eos' is a required property"):
         verify_bundle(bundle)
 
 

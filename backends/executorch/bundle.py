@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from qwen_mobile.bundle import MANIFEST, validate_manifest
 from qwen_mobile.checkpoint import Checkpoint, LoadedModel, stop_token_ids
 from qwen_mobile.config import Qwen35Config
 from qwen_mobile.errors import QwenMobileError
@@ -53,7 +54,8 @@ def export(
         for name in TOKENIZER_FILES:
             shutil.copyfile(checkpoint.path / name, staging / name)
         manifest = build_manifest(checkpoint, quant, metadata, tokenizer_config, program, parity)
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        validate_manifest(manifest, out / MANIFEST)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
 
