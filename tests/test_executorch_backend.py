@@ -80,7 +80,10 @@ def test_the_bundle_holds_every_file_and_describes_the_program(exported, manifes
     assert methods["get_eos_ids"]["outputs"] == [{"value": list(stop_token_ids(checkpoint))}]
     recurrent = manifest["state"]["linear_attention"]["buffers"]["recurrent_state"]
     assert recurrent["dtype"] == "float32"
-    assert manifest["state"]["full_attention"]["buffers"]["key_cache"]["shape"][2] == manifest["max_context"]
+    config = checkpoint.config  # KV caches in llama::update_cache's layout [1, context, kv_heads, head_dim]
+    assert manifest["state"]["full_attention"]["buffers"]["key_cache"]["shape"] == [
+        1, manifest["max_context"], config.num_key_value_heads, config.head_dim
+    ]
     assert manifest["parity"]["passed"] and manifest["parity"]["ratio_to_std"] <= verify.TOLERANCE
     validate_manifest(manifest, exported / "manifest.json")  # the documented schema
 
@@ -93,12 +96,12 @@ def test_the_runtime_matches_eager_within_the_gate(exported, manifest, loaded):
     assert parity.passed
 
 
-def test_the_written_program_calls_the_native_kernel_and_not_ours(exported):
+def test_the_written_program_calls_the_native_kernels_and_not_ours(exported):
     from executorch.exir._serialize._program import deserialize_pte_binary
 
     plan = deserialize_pte_binary((exported / "model.pte").read_bytes()).program.execution_plan[0]
     operators = {op.name for op in plan.operators}
-    assert "llama::gated_delta_rule" in operators
+    assert {"llama::gated_delta_rule", "llama::update_cache", "llama::custom_sdpa"} <= operators
     assert not any(name.startswith("qwen_mobile::") for name in operators)
     assert {delegate.id for delegate in plan.delegates} == {"XnnpackBackend"}
 
@@ -217,3 +220,12 @@ def test_run_command_streams_what_the_eager_model_generates(exported):
     eager = CliRunner().invoke(app, ["generate", "-p", PROMPT, "-n", "20"])
     assert through_runtime.exit_code == 0, through_runtime.output
     assert through_runtime.stdout == eager.stdout and through_runtime.stdout.strip()
+
+
+def test_tracing_with_native_attention_leaves_the_eager_model_alone(loaded):
+    from qwen_mobile.models.qwen3_5 import GatedAttention
+
+    layers = [m for m in loaded.model.modules() if isinstance(m, GatedAttention)]
+    with lower.native_attention(loaded.model):
+        assert all("attend" in layer.__dict__ for layer in layers)
+    assert not any("attend" in layer.__dict__ for layer in layers)

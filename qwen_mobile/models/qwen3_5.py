@@ -115,22 +115,30 @@ class GatedAttention(nn.Module):
         key = self.k_norm(self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         value = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         query, key = apply_partial_rotary(query, cos, sin), apply_partial_rotary(key, cos, sin)
+        out, cache = self.attend(query, key, value, positions, cache)
+        out = out.transpose(1, 2).reshape(batch, length, -1)
+        out = out * torch.sigmoid(gate.reshape(batch, length, -1))
+        return self.o_proj(out), cache
 
+    def attend(self, query, key, value, positions, cache: LayerState) -> tuple[torch.Tensor, LayerState]:
+        """Write key/value [B, kv_heads, T, D] into the cache at `positions`, attend over it.
+
+        Returns [B, heads, T, D] and the new cache. A backend may override this with fused
+        kernels that keep the cache in their own layout (see backends/executorch/lower.py).
+        """
         keys, values = cache
         keys = keys.index_copy(2, positions, key.to(keys.dtype))
         values = values.index_copy(2, positions, value.to(values.dtype))
 
         # Each query attends to cache slots up to its own position; later slots are stale or empty.
-        slots = torch.arange(keys.shape[2], device=x.device)
+        slots = torch.arange(keys.shape[2], device=query.device)
         mask = torch.where(slots[None, :] <= positions[:, None], 0.0, float("-inf"))
         groups = self.num_heads // self.num_kv_heads
         keys_per_head = keys.repeat_interleave(groups, dim=1).to(query.dtype)
         values_per_head = values.repeat_interleave(groups, dim=1).to(query.dtype)
         scores = (query @ keys_per_head.transpose(-1, -2)) * self.head_dim**-0.5 + mask
         weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
-        out = (weights @ values_per_head).transpose(1, 2).reshape(batch, length, -1)
-        out = out * torch.sigmoid(gate.reshape(batch, length, -1))
-        return self.o_proj(out), (keys, values)
+        return weights @ values_per_head, (keys, values)
 
 
 class GatedDeltaNet(nn.Module):
