@@ -94,23 +94,25 @@ def generate(
 ):
     """Generate with the export-ready model on this CPU. Only the continuation goes to stdout."""
     from qwen_mobile.checkpoint import load, stop_token_ids
-    from qwen_mobile.generate import eager_step, encode_prompt, generate_tokens, load_tokenizer, stream_text
+    from qwen_mobile.generate import eager_runner, generate_text, load_tokenizer
 
     try:
         loaded = load(model)
-        tokenizer = load_tokenizer(loaded.checkpoint.path)
-        stops = stop_token_ids(loaded.checkpoint)
-        ids = encode_prompt(tokenizer, prompt, chat)
-        tokens = generate_tokens(
-            eager_step(loaded.model, max_context), ids, max_new_tokens=max_new_tokens, max_context=max_context,
-            stop_ids=stops, temperature=temperature, top_p=top_p, seed=seed,
+        pieces = generate_text(
+            eager_runner(loaded.model, max_context), load_tokenizer(loaded.checkpoint.path), prompt, chat=chat,
+            stop_ids=stop_token_ids(loaded.checkpoint), max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, seed=seed,
         )
-        for piece in stream_text(tokenizer, tokens, stops):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        _print_stream(pieces)
     except QwenMobileError as error:
         _fail(error)
+
+
+def _print_stream(pieces) -> None:
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
 
 
 @app.command()
@@ -167,22 +169,16 @@ def run(
 ):
     """Stream text from a bundle through its backend's runtime on this CPU. Only the continuation goes to stdout."""
     from qwen_mobile.bundle import open_runner
-    from qwen_mobile.generate import encode_prompt, generate_tokens, load_tokenizer, stream_text
+    from qwen_mobile.generate import generate_text, load_tokenizer
 
     try:
         with quiet_warnings():
             runner, manifest = open_runner(bundle)
-        tokenizer = load_tokenizer(bundle)
-        stops = tuple(manifest["special_tokens"]["eos"])
-        tokens = generate_tokens(
-            runner.step, encode_prompt(tokenizer, prompt, chat), max_new_tokens=max_new_tokens,
-            max_context=runner.max_context, max_chunk=runner.max_chunk, stop_ids=stops,
-            temperature=temperature, top_p=top_p, seed=seed,
+        pieces = generate_text(
+            runner, load_tokenizer(bundle), prompt, chat=chat, stop_ids=tuple(manifest["special_tokens"]["eos"]),
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
         )
-        for piece in stream_text(tokenizer, tokens, stops):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        _print_stream(pieces)
     except QwenMobileError as error:
         _fail(error)
 

@@ -9,6 +9,7 @@ import torch
 
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.models.qwen3_5 import Qwen35, init_state
+from qwen_mobile.registry import Runner
 
 PREFILL_CHUNK = 128
 
@@ -50,6 +51,10 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator
 
 Step = Callable[[list[int], int], torch.Tensor]
 """Feed token ids at positions start.. of the current sequence; return the last position's logits [vocab]."""
+
+
+def eager_runner(model: Qwen35, max_context: int) -> Runner:
+    return Runner(eager_step(model, max_context), max_context=max_context, max_chunk=PREFILL_CHUNK)
 
 
 def eager_step(model: Qwen35, max_context: int) -> Step:
@@ -96,6 +101,18 @@ def generate_tokens(
             return
         logits = step([token], position)
         position += 1
+
+
+def generate_text(
+    runner: Runner, tokenizer, prompt: str, *, chat: bool, stop_ids: tuple[int, ...], **sampling
+) -> Iterator[str]:
+    """Text pieces continuing `prompt`, from any runner: the eager model or an artifact's runtime.
+    `sampling` holds generate_tokens' max_new_tokens, temperature, top_p and seed."""
+    tokens = generate_tokens(
+        runner.step, encode_prompt(tokenizer, prompt, chat), max_context=runner.max_context,
+        max_chunk=runner.max_chunk, stop_ids=stop_ids, **sampling,
+    )
+    return stream_text(tokenizer, tokens, stop_ids)
 
 
 def stream_text(tokenizer, tokens: Iterator[int], stop_ids: tuple[int, ...]) -> Iterator[str]:
