@@ -29,6 +29,13 @@ out = Console()
 err = Console(stderr=True)
 
 ModelArg = typer.Argument(None, help="Checkpoint directory or hub id [default: the embedded qwen3.5-tiny]")
+# generation options shared by `generate` (eager model) and `run` (a bundle)
+PromptOption = typer.Option(..., "--prompt", "-p", help="Text to continue (or the user turn, with --chat)")
+MaxNewTokensOption = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Stop after this many tokens")
+ChatOption = typer.Option(False, "--chat", help="Wrap the prompt in the chat template")
+TemperatureOption = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy; above 0 samples")
+TopPOption = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature)")
+SeedOption = typer.Option(0, "--seed", help="Sampling seed")
 
 
 @contextlib.contextmanager
@@ -84,12 +91,12 @@ def info(model: Optional[str] = ModelArg, as_json: bool = typer.Option(False, "-
 @app.command()
 def generate(
     model: Optional[str] = ModelArg,
-    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue (or the user turn, with --chat)"),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Stop after this many tokens"),
-    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template"),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy; above 0 samples"),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature)"),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed"),
+    prompt: str = PromptOption,
+    max_new_tokens: int = MaxNewTokensOption,
+    chat: bool = ChatOption,
+    temperature: float = TemperatureOption,
+    top_p: float = TopPOption,
+    seed: int = SeedOption,
     max_context: int = typer.Option(2048, "--max-context", min=2, help="Context length (prompt + output)"),
 ):
     """Generate with the export-ready model on this CPU. Only the continuation goes to stdout."""
@@ -160,12 +167,12 @@ def verify(bundle: Path = BundleArg, as_json: bool = typer.Option(False, "--json
 @app.command()
 def run(
     bundle: Path = BundleArg,
-    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue (or the user turn, with --chat)"),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Stop after this many tokens"),
-    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the bundle's chat template"),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy; above 0 samples"),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature)"),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed"),
+    prompt: str = PromptOption,
+    max_new_tokens: int = MaxNewTokensOption,
+    chat: bool = ChatOption,
+    temperature: float = TemperatureOption,
+    top_p: float = TopPOption,
+    seed: int = SeedOption,
 ):
     """Stream text from a bundle through its backend's runtime on this CPU. Only the continuation goes to stdout."""
     from qwen_mobile.bundle import open_runner
