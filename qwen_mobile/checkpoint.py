@@ -40,7 +40,11 @@ class Checkpoint:
     source: str  # what the user named: a path, a hub id, or the embedded model's name
     config: Qwen35Config
     config_hash: str
-    skipped_tensors: int
+    tensor_files: dict[str, Path]  # tensor name -> the safetensors file holding it
+
+    @property
+    def skipped_tensors(self) -> int:
+        return sum(1 for name in self.tensor_files if name.startswith(SKIPPED_PREFIXES))
 
 
 @dataclass
@@ -79,8 +83,7 @@ def _download(repo_id: str) -> Path:
 def open_checkpoint(model: str | None) -> Checkpoint:
     path, source = resolve(model)
     config, config_hash = read_config(path / "config.json")
-    skipped = sum(1 for name in _tensor_files(path) if name.startswith(SKIPPED_PREFIXES))
-    return Checkpoint(path, source, config, config_hash, skipped)
+    return Checkpoint(path, source, config, config_hash, _tensor_files(path))
 
 
 def _tensor_files(path: Path) -> dict[str, Path]:
@@ -130,7 +133,7 @@ def load(model: str | None = None, dtype: torch.dtype = torch.float32) -> Loaded
 
     weights: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
-    for name, file in _tensor_files(checkpoint.path).items():
+    for name, file in checkpoint.tensor_files.items():
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
         if not file.is_file():
