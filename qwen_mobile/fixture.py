@@ -44,8 +44,7 @@ def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator)
         return torch.empty(shape).uniform_(1, 16, generator=generator).log()
     if name.endswith("dt_bias") or name.endswith("linear_attn.norm.weight"):
         return torch.ones(shape)
-    if name.endswith("norm.weight"):  # (1 + w) norms: w near zero
-        return torch.randn(shape, generator=generator) * 0.02
+    # projections, embeddings, and the (1 + w) norms' w: small values around zero
     return torch.randn(shape, generator=generator) * 0.02
 
 

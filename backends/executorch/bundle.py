@@ -36,8 +36,6 @@ def export(
     max_context: int = lower.DEFAULT_MAX_CONTEXT,
     max_seq_len: int = lower.DEFAULT_MAX_SEQ_LEN,
 ) -> Path:
-    if quant not in BACKEND.quant_schemes:
-        raise QwenMobileError(f"--quant {quant!r}: the executorch backend encodes {', '.join(BACKEND.quant_schemes)}")
     checkpoint, model = loaded.checkpoint, loaded.model
     if next(model.parameters()).dtype != torch.float32:
         raise QwenMobileError("the executorch fp32 export needs the model loaded in float32")
