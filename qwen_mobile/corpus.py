@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CORPUS_PATH = Path(__file__).resolve().parent.parent / "calibration" / "tinyshakespeare.txt"
+CORPUS_PATH = Path(__file__).resolve().parent / "calibration" / "tinyshakespeare.txt"
 TRAIN_FRACTION = 0.9
 
 

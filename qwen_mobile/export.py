@@ -1,10 +1,12 @@
-"""`qwen-mobile export`: pick the backend, load the checkpoint, hand both to the backend's exporter."""
+"""`qwen-mobile export`: pick the backend, load the checkpoint, decide the quantization plan,
+hand all three to the backend's exporter."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from qwen_mobile.checkpoint import load
+from qwen_mobile.quant.plan import make_plan, resolve_scheme
 from qwen_mobile.registry import get_backend
 
 
@@ -12,10 +14,18 @@ def default_out(source: str, backend: str, quant: str) -> Path:
     return Path(f"{Path(source).name}-{backend}-{quant}")
 
 
-def export_bundle(model: str | None, backend: str, quant: str | None, out: Path | None) -> Path:
+def export_bundle(
+    model: str | None,
+    backend: str,
+    quant: str | None,
+    out: Path | None,
+    group_size: int | None = None,
+    embeddings_8bit: bool = False,
+) -> Path:
     """Validates the request before any slow work, then runs the backend's exporter,
     which writes the bundle atomically to `out` and returns its path."""
     spec, quant = get_backend(backend, quant)
+    scheme = resolve_scheme(quant, group_size, embeddings_8bit)
     loaded = load(model)
     out = out or default_out(loaded.checkpoint.source, backend, quant)
-    return spec.load_exporter()(loaded, quant=quant, out=out)
+    return spec.load_exporter()(loaded, plan=make_plan(loaded.model, scheme), out=out)

@@ -19,6 +19,8 @@ from qwen_mobile.bundle import MANIFEST, validate_manifest
 from qwen_mobile.checkpoint import Checkpoint, LoadedModel, stop_token_ids
 from qwen_mobile.config import Qwen35Config
 from qwen_mobile.errors import QwenMobileError
+from qwen_mobile.parity import Parity
+from qwen_mobile.quant.plan import QuantPlan
 from qwen_mobile.staging import staged_directory
 
 from . import BACKEND, lower, verify
@@ -31,7 +33,7 @@ FORMAT_VERSION = 1
 
 def export(
     loaded: LoadedModel,
-    quant: str,
+    plan: QuantPlan,
     out: Path,
     max_context: int = lower.DEFAULT_MAX_CONTEXT,
     max_seq_len: int = lower.DEFAULT_MAX_SEQ_LEN,
@@ -46,12 +48,12 @@ def export(
 
     out = Path(out)
     with staged_directory(out) as staging:
-        program = lower.lower(model, max_context, max_seq_len, metadata)
+        program = lower.lower(model, plan, max_context, max_seq_len, metadata)
         (staging / BACKEND.artifact).write_bytes(program.pte)
-        parity = verify.require_parity(staging / BACKEND.artifact, model, max_context, max_seq_len)
+        parity = verify.require_parity(staging / BACKEND.artifact, model, max_context, max_seq_len, plan)
         for name in TOKENIZER_FILES:
             shutil.copyfile(checkpoint.path / name, staging / name)
-        manifest = build_manifest(checkpoint, quant, metadata, tokenizer_config, program, parity)
+        manifest = build_manifest(checkpoint, plan, metadata, tokenizer_config, program, parity)
         validate_manifest(manifest, out / MANIFEST)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
@@ -83,11 +85,11 @@ def bos_token_id(checkpoint_dir: Path) -> int:
 
 def build_manifest(
     checkpoint: Checkpoint,
-    quant: str,
+    plan: QuantPlan,
     metadata: dict,
     tokenizer_config: dict,
     program: lower.LoweredProgram,
-    parity: verify.Parity,
+    parity: Parity,
 ) -> dict:
     config = checkpoint.config
     max_context, max_seq_len = metadata["get_max_context_len"], metadata["get_max_seq_len"]
@@ -95,7 +97,7 @@ def build_manifest(
         "format_version": FORMAT_VERSION,
         "backend": BACKEND.name,
         "artifact": BACKEND.artifact,
-        "quant": {"scheme": quant},
+        "quant": plan.to_manifest(),
         "source": {"checkpoint": checkpoint.source, "config_hash": checkpoint.config_hash},
         "vocab_size": config.vocab_size,
         "max_context": max_context,

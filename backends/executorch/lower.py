@@ -20,6 +20,9 @@ from torch import nn
 from qwen_mobile.config import FULL_ATTENTION, LINEAR_ATTENTION, Qwen35Config
 from qwen_mobile.models.qwen3_5 import GatedAttention, Qwen35, init_state
 
+from qwen_mobile.quant.plan import QuantPlan
+
+from .quantize import planned_weights
 from .runtime import register_llama_kernels
 
 DEFAULT_MAX_CONTEXT = 2048
@@ -189,6 +192,8 @@ def to_executorch(edge):
         # writes state updates straight into their buffers instead of through copies:
         # 128 decode calls on qwen3.5-tiny took 57 ms with it, 73 ms without (same run)
         run_reinplace_pass=True,
+        # dequantize_affine + embedding -> quantized_decomposed::embedding_{byte,4bit}
+        do_quant_fusion_and_const_prop=True,
     )
     with warnings.catch_warnings():
         # "buffers that are mutated have a meaningless initial state": known, see StatefulQwen35
@@ -223,7 +228,8 @@ class LoweredProgram:
     portable_operators: set[str]
 
 
-def lower(model: Qwen35, max_context: int, max_seq_len: int, metadata: dict) -> LoweredProgram:
-    program = use_native_gated_delta_rule(export_program(model, max_context, max_seq_len))
+def lower(model: Qwen35, plan: QuantPlan, max_context: int, max_seq_len: int, metadata: dict) -> LoweredProgram:
+    with planned_weights(model, plan):
+        program = use_native_gated_delta_rule(export_program(model, max_context, max_seq_len))
     executorch_program = to_executorch(lower_to_edge(program, metadata))
     return LoweredProgram(executorch_program.buffer, operator_names(executorch_program.exported_program()))

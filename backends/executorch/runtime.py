@@ -11,8 +11,11 @@ from qwen_mobile.registry import Runner
 
 
 def register_llama_kernels() -> None:
-    """ExecuTorch's LLM custom ops library (llama::gated_delta_rule among them): importing it
-    registers its kernels with the runtime, which the program needs to load."""
+    """ExecuTorch's LLM custom ops library (llama::gated_delta_rule among them) and its
+    quantized kernels (quantized_decomposed::embedding_4bit and kin): importing them
+    registers the kernels with the runtime, which the program needs to load. The Android
+    and iOS runtime libraries link the same kernels."""
+    import executorch.kernels.quantized  # noqa: F401
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
 
 

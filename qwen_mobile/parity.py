@@ -1,0 +1,171 @@
+"""The parity gate every backend runs on its artifact as written, against the eager model.
+
+A backend supplies one function, `run_pass(tokens, spans) -> logits [calls, vocab]`,
+that feeds the artifact token spans from position 0 (one call per span: prefill chunks,
+then single-token decode steps) and returns each call's last-position logits. The gate
+runs that pass twice, so a second sequence started at input_pos 0 must reproduce the
+first, and compares both against the eager model fed identically:
+
+- float artifacts against the float model: max |diff| <= 1e-3 x the reference logits' std;
+- quantized artifacts against the same plan applied to the eager model (quant.eager):
+  <= 2e-2 x std and top-1 agreement >= 99%, so only the lowering's own error is gated;
+  their distance from the float model (mean KL, top-1) is measured and reported;
+- reduced-precision compute (fp16) against the float model: top-1 agreement >= 99%.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from qwen_mobile.models.qwen3_5 import Qwen35, init_state
+from qwen_mobile.quant.eager import dequantized
+from qwen_mobile.quant.plan import QuantPlan
+
+# uneven on purpose: 40 crosses a 32-token kernel chunk into a ragged tail, 7 never fills one
+PREFILL_CHUNKS = (40, 17, 7)
+# with the 3 prefill calls, 100 compared positions: one top-1 flip is 1%
+DECODE_STEPS = 97
+SEED = 0
+
+Spans = list[tuple[int, int]]
+RunPass = Callable[[torch.Tensor, Spans], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Gate:
+    reference: str  # what the artifact is compared against
+    tolerance: float | None  # max |diff| as a fraction of the reference logits' std
+    min_top1: float | None  # least top-1 agreement with the reference
+
+
+FLOAT_GATE = Gate("float eager model", tolerance=1e-3, min_top1=None)
+QUANTIZED_GATE = Gate("eager model with the same quantization plan", tolerance=2e-2, min_top1=0.99)
+REDUCED_PRECISION_GATE = Gate("float eager model", tolerance=None, min_top1=0.99)
+
+
+@dataclass
+class Parity:
+    reference: str
+    max_abs_diff: float
+    reference_std: float
+    ratio_to_std: float
+    tolerance: float | None
+    top1_agreement: float
+    min_top1: float | None
+    positions_checked: int  # logits compared per pass: one per call
+    tokens_fed: int
+    prefill_chunks: list[int]
+    decode_steps: int
+    reset_max_abs_diff: float  # second pass from input_pos 0 vs the first
+    reset_allowed: float
+    versus_float: dict | None  # quantized artifacts: mean KL and top-1 against the float model
+
+    @property
+    def passed(self) -> bool:
+        # each comparison is written so that a NaN fails it
+        close = self.tolerance is None or bool(self.ratio_to_std <= self.tolerance)
+        agrees = self.min_top1 is None or bool(self.top1_agreement >= self.min_top1)
+        return close and agrees and bool(self.reset_max_abs_diff <= self.reset_allowed)
+
+    def summary(self) -> str:
+        allowed = f" (allowed {self.tolerance:g})" if self.tolerance is not None else ""
+        top1 = f" (needs {self.min_top1:g})" if self.min_top1 is not None else ""
+        return (
+            f"vs the {self.reference}: max|diff| {self.max_abs_diff:.3g} = {self.ratio_to_std:.3g} x std{allowed}, "
+            f"top-1 agreement {self.top1_agreement:.3f}{top1} over {self.positions_checked} positions, "
+            f"after reset {self.reset_max_abs_diff:.3g} (allowed {self.reset_allowed:.3g})"
+        )
+
+    def to_manifest(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def feeding_plan(max_context: int, max_seq_len: int) -> tuple[Spans, Spans]:
+    """(start, end) token spans, one per call: (prefill chunks no longer than max_seq_len,
+    decode steps), cut to what max_context holds."""
+    prefill = []
+    position = 0
+    for size in PREFILL_CHUNKS:
+        while size > 0:
+            length = min(size, max_seq_len)
+            prefill.append((position, position + length))
+            position, size = position + length, size - length
+    decode = [(p, p + 1) for p in range(position, position + DECODE_STEPS)]
+    return [s for s in prefill if s[1] <= max_context], [s for s in decode if s[1] <= max_context]
+
+
+def sample_tokens(vocab_size: int, length: int) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (1, length), generator=torch.Generator().manual_seed(SEED))
+
+
+@torch.no_grad()
+def reference_logits(model: Qwen35, tokens: torch.Tensor, spans: Spans, max_context: int) -> torch.Tensor:
+    """Eager logits [calls, vocab], fed exactly as the artifact is."""
+    state = init_state(model.config, max_context)
+    outputs = []
+    for start, end in spans:
+        logits, state = model(tokens[:, start:end], torch.tensor([start]), state)
+        outputs.append(logits)
+    return torch.cat(outputs)
+
+
+def mean_kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean KL(reference || logits) of the next-token distributions, in nats."""
+    log_p, log_q = reference.float().log_softmax(-1), logits.float().log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+
+
+def top1_agreement(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    return (reference.argmax(-1) == logits.argmax(-1)).float().mean().item()
+
+
+def check_parity(
+    run_pass: RunPass,
+    model: Qwen35,
+    max_context: int,
+    max_seq_len: int,
+    plan: QuantPlan | None = None,
+    gate: Gate | None = None,
+) -> Parity:
+    """Measure the artifact against the reference its plan calls for (see the module doc).
+    Raises only what run_pass raises when the artifact cannot load or run."""
+    prefill, decode = feeding_plan(max_context, max_seq_len)
+    spans = prefill + decode
+    tokens = sample_tokens(model.config.vocab_size, spans[-1][1])
+    float_reference = reference_logits(model, tokens, spans, max_context)
+    quantized = plan is not None and bool(plan.weights)
+    if quantized:
+        with dequantized(model, plan):
+            reference = reference_logits(model, tokens, spans, max_context)
+    else:
+        reference = float_reference
+    gate = gate or (QUANTIZED_GATE if quantized else FLOAT_GATE)
+
+    first = run_pass(tokens, spans)
+    second = run_pass(tokens, spans)
+
+    max_abs_diff = (torch.cat((first, second)) - reference.repeat(2, 1)).abs().max().item()
+    reference_std = reference.std().item()
+    return Parity(
+        reference=gate.reference,
+        max_abs_diff=max_abs_diff,
+        reference_std=reference_std,
+        ratio_to_std=max_abs_diff / reference_std if reference_std > 0 else float("inf"),
+        tolerance=gate.tolerance,
+        top1_agreement=top1_agreement(reference, first),
+        min_top1=gate.min_top1,
+        positions_checked=len(spans),
+        tokens_fed=tokens.shape[1],
+        prefill_chunks=[end - start for start, end in prefill],
+        decode_steps=len(decode),
+        reset_max_abs_diff=(second - first).abs().max().item(),
+        # a sequence restarted at input_pos 0 must reproduce the first pass as closely as fp32 must match eager
+        reset_allowed=FLOAT_GATE.tolerance * reference_std,
+        versus_float=(
+            {"mean_kl": mean_kl(float_reference, first), "top1_agreement": top1_agreement(float_reference, first)}
+            if quantized or gate is REDUCED_PRECISION_GATE else None
+        ),
+    )

@@ -1,0 +1,1 @@
+"""Quantization plans (decided here, for every backend) and their eager reference."""

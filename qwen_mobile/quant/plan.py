@@ -1,0 +1,217 @@
+"""Quantization as a plan: every quantized weight's integers, scales and zero points, decided once.
+
+Backends encode a plan exactly as it is and never re-round from float, so a better
+plan (calibration-driven, GPTQ or AWQ, from the calibration work) reaches every
+artifact unchanged. The plans made here are round-to-nearest, symmetric, with
+torchao's quantization primitives doing the arithmetic.
+
+What a plan covers: every nn.Linear of the decoder, the token embedding and the
+lm_head. What it leaves in float, on purpose: norms, the depthwise conv, A_log and
+dt_bias, and the two projections listed in FLOAT_LINEARS.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qwen_mobile.errors import QwenMobileError
+
+SCHEMES_PATH = Path(__file__).resolve().parent / "schemes.json"
+GROUP_SIZES = (32, 64, 128)
+EMBEDDINGS = ("embed_tokens.weight", "lm_head.weight")
+# in_proj_a and in_proj_b project to one value per value head: the decay input and beta,
+# the write strength. They hold a few thousand weights, and the recurrence compounds
+# their error over the whole sequence, so they stay float.
+FLOAT_LINEARS = ("in_proj_a", "in_proj_b")
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    name: str
+    summary: str
+    weight_bits: int | None  # None: weights stay float
+    group_size: int | None  # input columns per scale; None: one scale per output channel
+    activations: str | None  # dynamic activation quantization of quantized linears, or None
+    compute_dtype: str
+    embedding_bits: int | None  # bits of embed_tokens and lm_head
+
+    @property
+    def is_float(self) -> bool:
+        return self.weight_bits is None
+
+
+def scheme_table() -> dict[str, dict]:
+    return {name: entry for name, entry in json.loads(SCHEMES_PATH.read_text()).items() if not name.startswith("_")}
+
+
+def resolve_scheme(name: str, group_size: int | None = None, embeddings_8bit: bool = False) -> QuantScheme:
+    """The scheme --quant names, with --group-size and --embeddings-8bit applied, or a one-line error."""
+    table = scheme_table()
+    if name not in table:
+        raise QwenMobileError(f"--quant {name!r} is unknown; schemes: {', '.join(table)}")
+    entry = table[name]
+    grouped = entry["group_size"] is not None
+    if group_size is not None:
+        if not grouped:
+            with_groups = ", ".join(n for n, e in table.items() if e["group_size"] is not None)
+            raise QwenMobileError(f"--group-size applies to grouped schemes ({with_groups}), not to {name}")
+        if group_size not in GROUP_SIZES:
+            raise QwenMobileError(f"--group-size {group_size}: choose one of {', '.join(map(str, GROUP_SIZES))}")
+    if embeddings_8bit and entry["weight_bits"] is None:
+        raise QwenMobileError(f"--embeddings-8bit applies to quantized schemes, not to {name}")
+    bits = entry["weight_bits"]
+    return QuantScheme(
+        name=name,
+        summary=entry["summary"],
+        weight_bits=bits,
+        group_size=group_size if group_size is not None else entry["group_size"],
+        activations=entry["activations"],
+        compute_dtype=entry["compute_dtype"],
+        embedding_bits=None if bits is None else 8 if embeddings_8bit else bits,
+    )
+
+
+def scheme_from_manifest(quant: dict) -> QuantScheme:
+    """The scheme a bundle's manifest records, to rebuild its plan for `verify`."""
+    group_size = quant.get("group_size") or None
+    default = scheme_table().get(quant["scheme"], {}).get("group_size")
+    return resolve_scheme(
+        quant["scheme"],
+        group_size=group_size if default is not None else None,
+        embeddings_8bit=quant.get("embedding_bits") == 8 and quant.get("bits") != 8,
+    )
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """One weight [rows, columns] as integers in the signed range of `bits`, stored in int8,
+    with a scale and zero point per row and group of `group_size` columns:
+    weight ≈ (qdata - zero_point) * scale."""
+
+    qdata: torch.Tensor  # int8 [rows, columns]
+    scale: torch.Tensor  # float32 [rows, columns // group_size]
+    zero_point: torch.Tensor  # int8, the shape of scale
+    bits: int
+    group_size: int
+    activations: str | None  # dynamic activation quantization when this weight feeds a linear
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    @property
+    def block_size(self) -> tuple[int, int]:
+        return (1, self.group_size)
+
+    def dequantize(self) -> torch.Tensor:
+        from torchao.quantization.quant_primitives import dequantize_affine
+
+        return dequantize_affine(
+            self.qdata, self.block_size, self.scale, self.zero_point, torch.int8, self.qmin, self.qmax,
+            output_dtype=torch.float32,
+        )
+
+
+def round_to_nearest(weight: torch.Tensor, bits: int, group_size: int, activations: str | None) -> QuantizedWeight:
+    """Symmetric round-to-nearest: scale = max|w| of the group over half the integer range."""
+    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
+
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    weight = weight.detach().float()
+    block = (1, group_size)
+    scale, zero_point = choose_qparams_affine(
+        weight, MappingType.SYMMETRIC, block, torch.int8, qmin, qmax,
+        scale_dtype=torch.float32, zero_point_dtype=torch.int8, keepdim=True,
+    )
+    qdata = quantize_affine(weight, block, scale, zero_point, torch.int8, qmin, qmax)
+    return QuantizedWeight(qdata, scale, zero_point, bits, group_size, activations)
+
+
+@dataclass
+class QuantPlan:
+    scheme: QuantScheme
+    weights: dict[str, QuantizedWeight]  # the model's parameter name -> its quantized form
+    kept_float: list[str] = field(default_factory=list)  # linears deliberately left in float
+
+    def group_fallbacks(self) -> list[str]:
+        """Weights whose width the scheme's group size does not divide: one scale per row instead."""
+        return sorted(
+            name for name, w in self.weights.items()
+            if self.scheme.group_size and w.group_size != self.scheme.group_size
+        )
+
+    def to_manifest(self) -> dict:
+        scheme = self.scheme
+        entry = {"scheme": scheme.name, "compute_dtype": scheme.compute_dtype}
+        if scheme.is_float:
+            return entry
+        return {
+            **entry,
+            "bits": scheme.weight_bits,
+            "group_size": scheme.group_size or 0,  # 0: per output channel
+            "activations": scheme.activations,
+            "embedding_bits": scheme.embedding_bits,
+            "method": "round_to_nearest_symmetric",
+            "higher_precision": sorted(
+                [n for n in self.kept_float]
+                + [n for n, w in self.weights.items() if w.bits > scheme.weight_bits]
+            ),
+            "per_channel_fallback": self.group_fallbacks(),
+            "layers": {
+                name: {"bits": w.bits, "group_size": w.group_size, "activations": w.activations}
+                for name, w in self.weights.items()
+            },
+        }
+
+
+def planned_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Parameter name -> the module that owns it, for every weight a plan may quantize."""
+    modules = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) or isinstance(module, nn.Linear):
+            modules[f"{name}.weight"] = module
+    return modules
+
+
+def make_plan(model: nn.Module, scheme: QuantScheme) -> QuantPlan:
+    """Round-to-nearest for every weight the scheme quantizes (an empty plan for float schemes).
+
+    A tied lm_head gets the embedding's own QuantizedWeight (same integers); linears take
+    the scheme's activation quantization, the embedding lookup none."""
+    plan = QuantPlan(scheme, {})
+    if scheme.is_float:
+        return plan
+    for name, module in planned_modules(model).items():
+        if name.rsplit(".", 2)[-2] in FLOAT_LINEARS:
+            plan.kept_float.append(name)
+            continue
+        weight = module.weight
+        columns = weight.shape[1]
+        if name in EMBEDDINGS:
+            bits = scheme.embedding_bits
+            group = columns if bits > scheme.weight_bits else scheme.group_size or columns
+        else:
+            bits, group = scheme.weight_bits, scheme.group_size or columns
+        if columns % group:
+            group = columns
+        activations = scheme.activations if isinstance(module, nn.Linear) else None
+        tied = name == "lm_head.weight" and weight is model.embed_tokens.weight
+        if tied and activations is None:
+            plan.weights[name] = plan.weights["embed_tokens.weight"]
+        elif tied:
+            embedding = plan.weights["embed_tokens.weight"]
+            plan.weights[name] = QuantizedWeight(
+                embedding.qdata, embedding.scale, embedding.zero_point, embedding.bits, embedding.group_size, activations
+            )
+        else:
+            plan.weights[name] = round_to_nearest(weight, bits, group, activations)
+    return plan
