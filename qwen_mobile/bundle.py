@@ -3,13 +3,72 @@
 from __future__ import annotations
 
 import json
+import shutil
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from qwen_mobile.checkpoint import Checkpoint
 from qwen_mobile.errors import QwenMobileError
+from qwen_mobile.quant.plan import QuantPlan
 from qwen_mobile.registry import BackendSpec, Runner, discover
 
 MANIFEST = "manifest.json"
 SCHEMA = Path(__file__).resolve().parent / "schemas" / "manifest.schema.json"
+FORMAT_VERSION = 1
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def read_tokenizer_config(checkpoint_dir: Path) -> dict:
+    """The checkpoint's tokenizer_config.json, after checking that both tokenizer files exist."""
+    for name in TOKENIZER_FILES:
+        if not (checkpoint_dir / name).is_file():
+            raise QwenMobileError(f"{checkpoint_dir / name}: not found (a bundle ships the checkpoint's tokenizer)")
+    path = checkpoint_dir / "tokenizer_config.json"
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise QwenMobileError(f"{path}: not valid JSON ({error})") from None
+
+
+def copy_tokenizer(checkpoint_dir: Path, staging: Path) -> None:
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(checkpoint_dir / name, staging / name)
+
+
+def manifest_head(
+    spec: BackendSpec, checkpoint: Checkpoint, plan: QuantPlan, max_context: int, bos: int | None, eos: list[int]
+) -> dict:
+    """The fields every backend's manifest starts with; the backend adds methods, state,
+    parity and tools (see schemas/manifest.schema.json)."""
+    config = checkpoint.config
+    return {
+        "format_version": FORMAT_VERSION,
+        "backend": spec.name,
+        "artifact": spec.artifact,
+        "quant": plan.to_manifest(),
+        "source": {"checkpoint": checkpoint.source, "config_hash": checkpoint.config_hash},
+        "vocab_size": config.vocab_size,
+        "max_context": max_context,
+        "special_tokens": {"bos": bos, "eos": list(eos)},
+        "chat_template": read_tokenizer_config(checkpoint.path).get("chat_template"),
+    }
+
+
+def write_manifest(manifest: dict, staging: Path, out: Path) -> None:
+    """Validate against the schema (errors name the published path), then write into the staging directory."""
+    validate_manifest(manifest, Path(out) / MANIFEST)
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def tool_versions(*packages: str) -> dict:
+    """Installed versions of the packages that made an artifact (None: not installed)."""
+    def installed(package: str) -> str | None:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
+
+    return {package: installed(package) for package in ("torch", *packages, "qwen-mobile")}
 
 
 def validate_manifest(manifest: dict, where: Path) -> None:

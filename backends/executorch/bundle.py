@@ -8,14 +8,11 @@ parity gate passed on the file as written, so a failed export leaves nothing beh
 
 from __future__ import annotations
 
-import json
-import shutil
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 
-from qwen_mobile.bundle import MANIFEST, validate_manifest
+from qwen_mobile.bundle import copy_tokenizer, manifest_head, read_tokenizer_config, tool_versions, write_manifest
 from qwen_mobile.checkpoint import Checkpoint, LoadedModel, stop_token_ids
 from qwen_mobile.config import Qwen35Config
 from qwen_mobile.errors import QwenMobileError
@@ -25,10 +22,8 @@ from qwen_mobile.staging import staged_directory
 
 from . import BACKEND, lower, verify
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Qwen3.5's tokenizer has no BOS token; ExecuTorch's own Qwen3.5 config gives the runner <|im_start|>.
 BOS_TOKEN = "<|im_start|>"
-FORMAT_VERSION = 1
 
 
 def export(
@@ -40,8 +35,8 @@ def export(
 ) -> Path:
     checkpoint, model = loaded.checkpoint, loaded.model
     if next(model.parameters()).dtype != torch.float32:
-        raise QwenMobileError("the executorch fp32 export needs the model loaded in float32")
-    tokenizer_config = read_tokenizer_config(checkpoint.path)
+        raise QwenMobileError("the executorch export needs the model loaded in float32")
+    read_tokenizer_config(checkpoint.path)  # fails before the slow work if the tokenizer is missing
     bos_id, eos_ids = bos_token_id(checkpoint.path), list(stop_token_ids(checkpoint))
     max_context, max_seq_len = lower.clamp_lengths(model, max_context, max_seq_len)
     metadata = lower.runner_metadata(model, max_context, max_seq_len, bos_id, eos_ids)
@@ -51,23 +46,9 @@ def export(
         program = lower.lower(model, plan, max_context, max_seq_len, metadata)
         (staging / BACKEND.artifact).write_bytes(program.pte)
         parity = verify.require_parity(staging / BACKEND.artifact, model, max_context, max_seq_len, plan)
-        for name in TOKENIZER_FILES:
-            shutil.copyfile(checkpoint.path / name, staging / name)
-        manifest = build_manifest(checkpoint, plan, metadata, tokenizer_config, program, parity)
-        validate_manifest(manifest, out / MANIFEST)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        copy_tokenizer(checkpoint.path, staging)
+        write_manifest(build_manifest(checkpoint, plan, metadata, program, parity), staging, out)
     return out
-
-
-def read_tokenizer_config(checkpoint_dir: Path) -> dict:
-    for name in TOKENIZER_FILES:
-        if not (checkpoint_dir / name).is_file():
-            raise QwenMobileError(f"{checkpoint_dir / name}: not found (a bundle ships the checkpoint's tokenizer)")
-    path = checkpoint_dir / "tokenizer_config.json"
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise QwenMobileError(f"{path}: not valid JSON ({error})") from None
 
 
 def bos_token_id(checkpoint_dir: Path) -> int:
@@ -87,28 +68,19 @@ def build_manifest(
     checkpoint: Checkpoint,
     plan: QuantPlan,
     metadata: dict,
-    tokenizer_config: dict,
     program: lower.LoweredProgram,
     parity: Parity,
 ) -> dict:
     config = checkpoint.config
     max_context, max_seq_len = metadata["get_max_context_len"], metadata["get_max_seq_len"]
     return {
-        "format_version": FORMAT_VERSION,
-        "backend": BACKEND.name,
-        "artifact": BACKEND.artifact,
-        "quant": plan.to_manifest(),
-        "source": {"checkpoint": checkpoint.source, "config_hash": checkpoint.config_hash},
-        "vocab_size": config.vocab_size,
-        "max_context": max_context,
+        **manifest_head(BACKEND, checkpoint, plan, max_context, metadata["get_bos_id"], metadata["get_eos_ids"]),
         "max_seq_len": max_seq_len,
-        "special_tokens": {"bos": metadata["get_bos_id"], "eos": metadata["get_eos_ids"]},
-        "chat_template": tokenizer_config.get("chat_template"),
         "methods": {"forward": forward_signature(config, max_seq_len), **constant_methods(metadata)},
         "state": state_layout(config, max_context),
         "portable_operators": sorted(program.portable_operators),
         "parity": parity.to_manifest(),
-        "tools": tool_versions(),
+        "tools": tool_versions("executorch", "torchao"),
     }
 
 
@@ -142,13 +114,3 @@ def state_layout(config: Qwen35Config, max_context: int) -> dict:
                 "dtype": str(tensor.dtype).removeprefix("torch."),
             }
     return layout
-
-
-def tool_versions() -> dict:
-    def installed(package: str) -> str | None:
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return None
-
-    return {"torch": torch.__version__, "executorch": installed("executorch"), "qwen_mobile": installed("qwen-mobile")}
