@@ -95,7 +95,7 @@ def read_manifest(bundle: Path) -> tuple[dict, BackendSpec]:
     if backend not in specs:
         raise QwenMobileError(f"{path}: backend {backend!r} is not installed; {', '.join(specs) or 'none is'}")
     artifact = Path(bundle) / specs[backend].artifact
-    if not artifact.is_file():
+    if not artifact.exists():  # a file, or a directory such as Core ML's .mlpackage
         raise QwenMobileError(f"{artifact}: missing from the bundle")
     return manifest, specs[backend]
 
