@@ -1,0 +1,73 @@
+"""The parity gate (qwen_mobile.parity) run on a written .tflite through the LiteRT interpreter,
+once with XNNPACK (the default CPU path) and once on TFLite's own builtin kernels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qwen_mobile.checkpoint import load
+from qwen_mobile.errors import QwenMobileError
+from qwen_mobile.models.qwen3_5 import Qwen35
+from qwen_mobile.parity import Parity, Spans, check_parity
+from qwen_mobile.quant.plan import QuantPlan, make_plan, scheme_from_manifest
+
+from . import runtime
+
+RUNTIMES = {"xnnpack": True, "builtin_kernels": False}
+
+
+def run_pass(model: runtime.TFLiteModel, tokens: torch.Tensor, spans: Spans) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(model.step(tokens[0, s:e].numpy(), s).copy()) for s, e in spans])
+
+
+def measure(
+    path: Path, feeds: dict[str, str], model: Qwen35, max_context: int, chunk: int, plan: QuantPlan | None = None
+) -> dict[str, Parity]:
+    """The gate per runtime configuration. One interpreter serves both passes of a
+    configuration, so the second pass also proves that input_pos 0 starts a new sequence."""
+    results = {}
+    for name, xnnpack in RUNTIMES.items():
+        artifact = runtime.TFLiteModel(path, feeds, max_context, xnnpack=xnnpack)
+        results[name] = check_parity(lambda t, s: run_pass(artifact, t, s), model, max_context, chunk, plan)
+    return results
+
+
+def to_manifest(results: dict[str, Parity]) -> dict:
+    """The XNNPACK figures at the top level (what `verify` prints), every runtime under `runtimes`;
+    `passed` only when every runtime passed."""
+    first = next(iter(results.values()))
+    return {
+        **first.to_manifest(),
+        "passed": all(p.passed for p in results.values()),
+        "runtimes": {name: p.to_manifest() for name, p in results.items()},
+    }
+
+
+def require_parity(path: Path, feeds, model: Qwen35, max_context: int, chunk: int, plan: QuantPlan | None = None) -> dict:
+    results = measure(path, feeds, model, max_context, chunk, plan)
+    for name, parity in results.items():
+        if not parity.passed:
+            raise QwenMobileError(
+                f"{path.name}: the LiteRT interpreter ({name}) disagrees with the eager model: {parity.summary()}"
+            )
+    return to_manifest(results)
+
+
+def verify_bundle(bundle: Path, manifest: dict) -> dict:
+    """`qwen-mobile verify`: the gate again on the bundle's model.tflite against its source
+    checkpoint, with the quantization plan rebuilt from the manifest (plans are deterministic)."""
+    source = manifest.get("source", {})
+    loaded = load(source.get("checkpoint"))
+    if loaded.checkpoint.config_hash != source.get("config_hash"):
+        raise QwenMobileError(
+            f"{bundle / 'manifest.json'}: source {source.get('checkpoint')!r} no longer has the config it was "
+            "exported from (config_hash differs)"
+        )
+    plan = make_plan(loaded.model, scheme_from_manifest(manifest["quant"]))
+    results = measure(
+        Path(bundle) / manifest["artifact"], manifest["state_feeds"], loaded.model, manifest["max_context"],
+        manifest["max_seq_len"], plan,
+    )
+    return to_manifest(results)
