@@ -25,22 +25,25 @@ def run_pass(model: runtime.TFLiteModel, tokens: torch.Tensor, spans: Spans) -> 
 def measure(
     path: Path, feeds: dict[str, str], model: Qwen35, max_context: int, chunk: int, plan: QuantPlan | None = None
 ) -> dict[str, Parity]:
-    """The gate per runtime configuration. One interpreter serves both passes of a
+    """The gate per runtime configuration, in RUNTIMES order, stopping at the first that fails
+    (the artifact is refused either way). One interpreter serves both passes of a
     configuration, so the second pass also proves that input_pos 0 starts a new sequence."""
     results = {}
     for name, xnnpack in RUNTIMES.items():
         artifact = runtime.TFLiteModel(path, feeds, max_context, xnnpack=xnnpack)
         results[name] = check_parity(lambda t, s: run_pass(artifact, t, s), model, max_context, chunk, plan)
+        if not results[name].passed:
+            break
     return results
 
 
 def to_manifest(results: dict[str, Parity]) -> dict:
     """The XNNPACK figures at the top level (what `verify` prints), every runtime under `runtimes`;
-    `passed` only when every runtime passed."""
+    `passed` only when every runtime was measured and passed."""
     first = next(iter(results.values()))
     return {
         **first.to_manifest(),
-        "passed": all(p.passed for p in results.values()),
+        "passed": set(results) == set(RUNTIMES) and all(p.passed for p in results.values()),
         "runtimes": {name: p.to_manifest() for name, p in results.items()},
     }
 

@@ -1,0 +1,252 @@
+"""The TFLite backend end to end: convert, write, run the written .tflite through the LiteRT
+interpreter (XNNPACK on and off), gate, publish; and what the flatbuffer holds.
+
+One export (the slow part, about two minutes on two shared cores) is shared by the module;
+the tests that need a failing or refused export reuse its flatbuffer instead of converting again.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qwen_mobile.backends.tflite import BACKEND, bundle, lower, npu_report, runtime, verify
+from qwen_mobile.bundle import validate_manifest
+from qwen_mobile.checkpoint import load, stop_token_ids
+from qwen_mobile.errors import QwenMobileError
+from qwen_mobile.export import export_bundle
+from qwen_mobile.models.qwen3_5 import GatedAttention, GatedDeltaNet, init_state
+from qwen_mobile.quant.plan import make_plan, resolve_scheme
+
+PROMPT = "ROMEO:\nWhat light"
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load(None)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """A bundle written by the real export path (embedded model, default quant scheme)."""
+    return export_bundle(None, "tflite", None, tmp_path_factory.mktemp("export") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def manifest(exported) -> dict:
+    return json.loads((exported / "manifest.json").read_text())
+
+
+def interpreter(path: Path, xnnpack: bool = True):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    options = {} if xnnpack else {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+    return Interpreter(model_path=str(path), **options)
+
+
+def test_the_bundle_holds_every_file_and_describes_both_signatures(exported, manifest, loaded):
+    assert sorted(p.name for p in exported.iterdir()) == [
+        "manifest.json", "model.tflite", "npu_report.json", "tokenizer.json", "tokenizer_config.json"
+    ]
+    checkpoint, config = loaded.checkpoint, loaded.checkpoint.config
+    assert manifest["backend"] == "tflite" and manifest["artifact"] == "model.tflite"
+    assert manifest["quant"] == {"scheme": "fp32", "compute_dtype": "float32"}
+    assert manifest["source"]["config_hash"] == checkpoint.config_hash
+    assert manifest["max_context"] == lower.DEFAULT_MAX_CONTEXT and manifest["max_seq_len"] == lower.DEFAULT_PREFILL_CHUNK
+    assert manifest["special_tokens"]["eos"] == list(stop_token_ids(checkpoint))
+    validate_manifest(manifest, exported / "manifest.json")
+
+    prefill, decode = (manifest["methods"][name] for name in ("prefill", "decode"))
+    inputs = {t["name"]: t for t in prefill["inputs"]}
+    assert inputs["tokens"] == {"name": "tokens", "dtype": "int32", "shape": [1, manifest["max_seq_len"]]}
+    assert inputs["length"]["dtype"] == "int32" and inputs["input_pos"]["dtype"] == "int32"
+    assert {t["name"]: t for t in decode["inputs"]}["tokens"]["shape"] == [1, 1]
+    for method in (prefill, decode):
+        outputs = {t["name"]: t for t in method["outputs"]}
+        assert outputs["logits"] == {"name": "logits", "dtype": "float32", "shape": [1, config.vocab_size]}
+        method_inputs = {t["name"]: t for t in method["inputs"]}
+        # every state output feeds an input of the same dtype and shape, and every state input is fed
+        for output, feeds in manifest["state_feeds"].items():
+            assert {k: v for k, v in outputs[output].items() if k != "name"} == {
+                k: v for k, v in method_inputs[feeds].items() if k != "name"
+            }
+        assert set(method_inputs) - {"tokens", "input_pos", "length"} == set(manifest["state_feeds"].values())
+    recurrent = manifest["state"]["linear_attention"]["buffers"]["recurrent_state"]
+    assert recurrent["dtype"] == "float32"
+    assert manifest["state"]["full_attention"]["buffers"]["key_cache"]["shape"] == [
+        1, config.num_key_value_heads, manifest["max_context"], config.head_dim
+    ]
+
+
+def test_the_gate_passed_with_xnnpack_on_and_off_over_64_tokens_of_prefill_then_decode(manifest):
+    parity = manifest["parity"]
+    assert parity["passed"] and set(parity["runtimes"]) == {"xnnpack", "builtin_kernels"}
+    for result in parity["runtimes"].values():
+        assert result["passed"] and result["tolerance"] == 1e-3
+        assert result["ratio_to_std"] <= 1e-3
+        assert result["tokens_fed"] >= 64 and len(result["prefill_chunks"]) >= 2 and result["decode_steps"] >= 16
+        assert result["prefill_chunks"] != [manifest["max_seq_len"]] * len(result["prefill_chunks"])  # tails masked
+
+
+def test_the_flatbuffer_holds_builtin_ops_only(exported):
+    """Read the operator codes straight from the file: no CUSTOM op (Flex ops are custom ops named Flex...)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf((exported / "model.tflite").read_bytes(), 0)
+    custom = schema.BuiltinOperator.CUSTOM
+    codes = [max(code.builtinCode, code.deprecatedBuiltinCode) for code in model.operatorCodes]
+    assert codes and custom not in codes
+    assert not any(code.customCode for code in model.operatorCodes)
+    names = {value: name for name, value in vars(schema.BuiltinOperator).items() if not name.startswith("_")}
+    assert not any(names[c].startswith("STABLEHLO_") for c in codes)  # no kernel for those in the interpreter
+    assert {"FULLY_CONNECTED", "BATCH_MATMUL", "CUMSUM"} <= {names[c] for c in codes}
+    assert sorted(sg.name.decode() for sg in model.subgraphs) == ["decode", "prefill"]
+
+
+def test_the_model_is_driven_from_the_manifest_alone(exported, manifest, loaded):
+    """Only the interpreter, the manifest's names and its state_feeds: prefill a short chunk, decode three tokens."""
+    signatures = interpreter(exported / manifest["artifact"])
+    prefill, decode = signatures.get_signature_runner("prefill"), signatures.get_signature_runner("decode")
+    spec = {t["name"]: t for t in manifest["methods"]["prefill"]["inputs"]}
+    state = {name: np.zeros(spec[name]["shape"], dtype=spec[name]["dtype"]) for name in manifest["state_feeds"].values()}
+    tokens = torch.randint(0, manifest["vocab_size"], (1, 23), generator=torch.Generator().manual_seed(1))
+    chunk = np.zeros(spec["tokens"]["shape"], dtype=np.int32)
+    chunk[0, :20] = tokens[0, :20].numpy()
+    outputs = [prefill(tokens=chunk, input_pos=np.array([0], np.int32), length=np.array([20], np.int32), **state)]
+    for position in range(20, 23):
+        state = {name: outputs[-1][output] for output, name in manifest["state_feeds"].items()}
+        token = tokens[:, position : position + 1].numpy().astype(np.int32)
+        outputs.append(decode(tokens=token, input_pos=np.array([position], np.int32), **state))
+
+    model, eager_state, expected = loaded.model, init_state(loaded.checkpoint.config, manifest["max_context"]), []
+    with torch.no_grad():
+        for start, end in ((0, 20), (20, 21), (21, 22), (22, 23)):
+            logits, eager_state = model(tokens[:, start:end], torch.tensor([start]), eager_state)
+            expected.append(logits[0])
+    for got, want in zip(outputs, expected):
+        assert np.abs(got["logits"][0] - want.numpy()).max() <= 1e-3 * want.std().item()
+
+
+def test_padding_changes_neither_the_logits_nor_the_state(exported, manifest):
+    for xnnpack in (True, False):
+        prefill = interpreter(exported / "model.tflite", xnnpack).get_signature_runner("prefill")
+        spec = prefill.get_input_details()
+        state = {name: np.random.default_rng(0).standard_normal(spec[name]["shape"]).astype(np.float32) * 0.1
+                 for name in manifest["state_feeds"].values()}
+        results = []
+        for fill in (0, 7, 4000):
+            chunk = np.full(spec["tokens"]["shape"], fill, dtype=np.int32)
+            chunk[0, :9] = np.arange(100, 109)
+            results.append(prefill(tokens=chunk, input_pos=np.array([5], np.int32), length=np.array([9], np.int32), **state))
+        for other in results[1:]:
+            for name, value in results[0].items():
+                np.testing.assert_array_equal(other[name], value, err_msg=name)
+
+
+def test_conversion_leaves_the_eager_model_as_it_was(exported, loaded):
+    model = loaded.model
+    assert not any("causal_conv" in m.__dict__ for m in model.modules() if isinstance(m, GatedDeltaNet))
+    assert not any("attend" in m.__dict__ for m in model.modules() if isinstance(m, GatedAttention))
+    assert isinstance(torch.ops.qwen_mobile.gated_delta_rule, torch._ops.OpOverloadPacket)
+    assert type(model.norm).__name__ == "RMSNorm"
+
+
+def test_the_npu_report_lists_every_op_with_static_shapes_against_the_support_table(exported):
+    from ai_edge_litert import schema_py_generated as schema
+
+    report = json.loads((exported / "npu_report.json").read_text())
+    assert report["builtin_only"] and report["all_shapes_static"] and report["flex_ops"] == []
+    model = schema.ModelT.InitFromPackedBuf((exported / "model.tflite").read_bytes(), 0)
+    assert len(report["operators"]) == sum(len(sg.operators) for sg in model.subgraphs)
+    for op in report["operators"]:
+        assert op["signature"] in ("prefill", "decode") and op["outputs"]
+        assert all(t["static"] and all(d > 0 for d in t["shape"]) or t["shape"] == [] for t in op["inputs"] + op["outputs"])
+        assert set(op) >= {"qualcomm", "mediatek"}
+    table = npu_report.support_table()
+    builtins = {name for name in vars(schema.BuiltinOperator) if not name.startswith("_")}
+    tensor_types = {name for name in vars(schema.TensorType) if not name.startswith("_")}
+    for target in table.values():
+        assert target["source"].startswith("https://github.com/google-ai-edge/LiteRT/blob/")
+        assert set(target["ops"]) <= builtins and set(target["dtypes"]) <= tensor_types
+    for name, summary in report["targets"].items():
+        unsupported = {op["op"] for op in report["operators"] if not op[name]["supported"]}
+        assert set(summary["unsupported_by_op"]) == unsupported
+        assert summary["supported"] + sum(summary["unsupported_by_op"].values()) == len(report["operators"])
+
+
+def test_a_flatbuffer_with_a_custom_op_is_refused():
+    report = {"builtin_only": False, "custom_ops": ["CUSTOM:FlexCumsum"], "all_shapes_static": True}
+    with pytest.raises(QwenMobileError, match="non-builtin ops CUSTOM:FlexCumsum"):
+        npu_report.require_builtin_only(report, Path("model.tflite"))
+
+
+def weight_offset(data: bytes, weight: torch.Tensor) -> int:
+    """Where a float32 weight's bytes sit in the flatbuffer."""
+    offset = data.find(weight.detach().float().contiguous().numpy().tobytes()[:256])
+    assert offset > 0, "the weight is not stored as float32 in the file"
+    return offset
+
+
+def test_a_corrupted_or_truncated_artifact_fails_verify(exported, loaded, tmp_path):
+    from typer.testing import CliRunner
+
+    from qwen_mobile.cli import app
+
+    corrupted = tmp_path / "corrupted"
+    shutil.copytree(exported, corrupted)
+    data = bytearray((corrupted / "model.tflite").read_bytes())
+    start = weight_offset(bytes(data), loaded.model.layers[0].mlp.down_proj.weight) + 1024
+    data[start : start + 4096] = bytes(b ^ 0xFF for b in data[start : start + 4096])
+    (corrupted / "model.tflite").write_bytes(bytes(data))
+    failed = CliRunner().invoke(app, ["verify", str(corrupted), "--json"])
+    assert failed.exit_code == 1, failed.output
+    assert json.loads(failed.stdout)["passed"] is False
+
+    (corrupted / "model.tflite").write_bytes(bytes(data[: len(data) // 2]))
+    truncated = CliRunner().invoke(app, ["verify", str(corrupted)])
+    assert truncated.exit_code == 2 and "cannot load" in truncated.output
+
+
+def test_a_failing_gate_leaves_no_bundle(exported, tmp_path, monkeypatch):
+    """The gate itself is untouched: the eager reference it compares against is shifted."""
+    written = (exported / "model.tflite").read_bytes()
+    monkeypatch.setattr(lower, "convert", lambda *args: written)  # the real conversion already ran in `exported`
+    import qwen_mobile.parity as parity
+
+    reference = parity.reference_logits
+    monkeypatch.setattr(parity, "reference_logits", lambda *args: reference(*args) + 1.0)
+    with pytest.raises(QwenMobileError, match="disagrees with the eager model"):
+        export_bundle(None, "tflite", None, tmp_path / "bundle")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quant_schemes_it_cannot_encode_are_refused_by_name(loaded, tmp_path):
+    with pytest.raises(QwenMobileError, match="--quant '8da4w' is not supported by the tflite backend; it supports"):
+        export_bundle(None, "tflite", "8da4w", tmp_path / "a")
+    unsupported = [s for s in ("int8", "int4", "fp16", "8da4w") if s not in BACKEND.quant_schemes]
+    plan = make_plan(loaded.model, resolve_scheme(unsupported[0]))
+    with pytest.raises(QwenMobileError, match=f"--quant '{unsupported[0]}' is not supported by the tflite backend"):
+        bundle.export(loaded, plan, tmp_path / "b")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_command_streams_what_the_eager_model_generates(exported):
+    from typer.testing import CliRunner
+
+    from qwen_mobile.cli import app
+
+    through_runtime = CliRunner().invoke(app, ["run", str(exported), "-p", PROMPT, "-n", "20"])
+    eager = CliRunner().invoke(app, ["generate", "-p", PROMPT, "-n", "20"])
+    assert through_runtime.exit_code == 0, through_runtime.output
+    assert through_runtime.stdout == eager.stdout and through_runtime.stdout.strip()
+
+
+def test_the_runtime_refuses_what_the_signatures_cannot_take(exported, manifest):
+    model = runtime.load(exported / "model.tflite", manifest)
+    with pytest.raises(QwenMobileError, match="do not fit"):
+        model.step(list(range(manifest["max_seq_len"] + 1)), 0)
+    with pytest.raises(QwenMobileError, match="do not fit"):
+        model.step([1], manifest["max_context"])
