@@ -50,7 +50,7 @@ def export(
     out = Path(out)
     with staged_directory(out) as staging:
         started = time.perf_counter()
-        flatbuffer = lower.convert(model, max_context, prefill_chunk)
+        flatbuffer = lower.convert(model, max_context, prefill_chunk, plan)
         convert_seconds = time.perf_counter() - started
         artifact = staging / BACKEND.artifact
         artifact.write_bytes(flatbuffer)

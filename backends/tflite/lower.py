@@ -35,6 +35,10 @@ from torch import nn
 from qwen_mobile.config import FULL_ATTENTION, LINEAR_ATTENTION, Qwen35Config
 from qwen_mobile.models.qwen3_5 import GatedAttention, GatedDeltaNet, Qwen35, init_state
 from qwen_mobile.ops.gated_delta_rule import decompositions
+from qwen_mobile.quant.eager import dequantized
+from qwen_mobile.quant.plan import QuantPlan
+
+from . import quantize
 
 DEFAULT_MAX_CONTEXT = 512
 DEFAULT_PREFILL_CHUNK = 32
@@ -248,10 +252,17 @@ def fold_constants(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return module
 
 
-def convert(model: Qwen35, max_context: int, chunk: int) -> bytes:
-    """Both signatures through litert-torch, fp32. Each signature is traced inside its own
+def convert(model: Qwen35, max_context: int, chunk: int, plan: QuantPlan | None = None) -> bytes:
+    """Both signatures through litert-torch. Each signature is traced inside its own
     `traceable` block: litert-torch exports every signature when convert() runs, so the
-    exports happen one at a time here and are handed over already traced."""
+    exports happen one at a time here and are handed over already traced.
+
+    With a quantization plan, the model is converted with the plan's dequantized weights
+    and quantize.encode then puts the plan's integers in their place."""
+    if plan is not None and plan.weights:
+        quantize.check_encodable(plan)
+        with dequantized(model, plan):
+            return quantize.encode(convert(model, max_context, chunk), plan)
     import litert_torch
 
     converter = litert_torch.Converter()
