@@ -53,6 +53,10 @@ def _axes(axes, rank):
 
 
 # -- constants and state ------------------------------------------------------------------
+def identity(x):
+    return np.asarray(x)
+
+
 def const(val, **_):
     return val
 
@@ -199,32 +203,26 @@ def linear(x, weight, bias=None):
 
 
 def conv(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilations=None, groups=1):
-    """N-d convolution (1-d and 2-d), through torch's reference CPU kernels in fp32."""
-    import torch
-    import torch.nn.functional as F
-
+    """1-d grouped convolution (the depthwise causal conv of the DeltaNet layers), in fp32:
+    out[n, o, t] = sum_{i, k} w[o, i, k] x[n, group(o) * C_in/groups + i, t * stride + k * dilation]."""
     x, weight = f32(x), f32(weight)
-    spatial = x.ndim - 2
-    strides = [1] * spatial if strides is None else [int(s) for s in strides]
-    dilations = [1] * spatial if dilations is None else [int(d) for d in dilations]
-    if pad_type == "valid":
-        padding = [0] * (2 * spatial)
-    elif pad_type == "custom":
-        padding = [int(p) for p in pad]
-    else:
+    if x.ndim != 3:
+        raise QwenMobileError(f"conv over {x.ndim - 2} spatial dims is not modelled by the emulator")
+    stride = 1 if strides is None else int(np.atleast_1d(strides)[0])
+    dilation = 1 if dilations is None else int(np.atleast_1d(dilations)[0])
+    if pad_type == "custom":
+        x = np.pad(x, ((0, 0), (0, 0), (int(pad[0]), int(pad[1]))))
+    elif pad_type != "valid":
         raise QwenMobileError(f"conv pad_type {pad_type!r} is not modelled by the emulator")
-    xt = torch.from_numpy(np.ascontiguousarray(x))
-    pads = []
-    for i in reversed(range(spatial)):  # F.pad wants last dim first
-        pads += [padding[2 * i], padding[2 * i + 1]]
-    xt = F.pad(xt, pads)
-    function = {1: F.conv1d, 2: F.conv2d}.get(spatial)
-    if function is None:
-        raise QwenMobileError(f"conv over {spatial} spatial dims is not modelled by the emulator")
-    out = function(xt, torch.from_numpy(np.array(weight)),
-                   None if bias is None else torch.from_numpy(f32(bias)), stride=strides, dilation=dilations,
-                   groups=int(groups))
-    return out.numpy()
+    batch, channels, _ = x.shape
+    outputs, per_group, kernel = weight.shape
+    groups = int(groups)
+    span = (kernel - 1) * dilation + 1
+    windows = np.lib.stride_tricks.sliding_window_view(x, span, axis=-1)[:, :, ::stride, ::dilation]  # [N, C, T, K]
+    windows = windows.reshape(batch, groups, channels // groups, windows.shape[2], kernel)
+    grouped = weight.reshape(groups, outputs // groups, per_group, kernel)
+    out = np.einsum("ngitk,goik->ngot", windows, grouped, optimize=True).reshape(batch, outputs, -1)
+    return out if bias is None else out + f32(bias)[None, :, None]
 
 
 # -- shapes ---------------------------------------------------------------------------------
