@@ -1,0 +1,214 @@
+"""The Core ML backend end to end: convert, save the mlpackage, run it through the emulator,
+gate, publish; verify and run on the bundle as written.
+
+One fp32 export (about a minute and a half on two cores) is shared by the module.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qwen_mobile.backends.coreml import bundle, emulator, lower, runtime, verify
+from qwen_mobile.bundle import validate_manifest
+from qwen_mobile.checkpoint import load, stop_token_ids
+from qwen_mobile.errors import QwenMobileError
+from qwen_mobile.export import export_bundle
+
+pytest.importorskip("coremltools")
+
+PROMPT = "ROMEO:\nWhat light"
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load(None)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """A bundle written by the real export path (embedded model, default scheme fp32)."""
+    return export_bundle(None, "coreml", None, tmp_path_factory.mktemp("coreml") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def manifest(exported) -> dict:
+    return json.loads((exported / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def spec(exported):
+    from coremltools.proto import Model_pb2
+
+    model = Model_pb2.Model()
+    model.ParseFromString((exported / "model.mlpackage" / emulator.SPEC).read_bytes())
+    return model
+
+
+def test_the_bundle_holds_every_file_and_describes_the_program(exported, manifest, loaded):
+    assert sorted(p.name for p in exported.iterdir()) == ["manifest.json", "model.mlpackage", "tokenizer.json",
+                                                          "tokenizer_config.json"]
+    package = exported / "model.mlpackage"
+    assert (package / emulator.SPEC).is_file() and (package / emulator.WEIGHTS_DIR / "weight.bin").is_file()
+    checkpoint, config = loaded.checkpoint, loaded.checkpoint.config
+    assert manifest["backend"] == "coreml" and manifest["artifact"] == "model.mlpackage"
+    assert manifest["quant"] == {"scheme": "fp32", "compute_dtype": "float32"}
+    assert manifest["special_tokens"]["eos"] == list(stop_token_ids(checkpoint))
+    assert manifest["max_context"] == lower.DEFAULT_MAX_CONTEXT and manifest["max_seq_len"] == lower.DEFAULT_PREFILL_CHUNK
+    methods = manifest["methods"]
+    assert set(methods) == {"prefill", "decode"}
+    assert [i["name"] for i in methods["prefill"]["inputs"]] == ["tokens", "input_pos", "length"]
+    assert methods["decode"]["inputs"][0]["shape"] == [1, 1]
+    assert methods["decode"]["outputs"] == [{"name": "logits", "dtype": "float32", "shape": [1, config.vocab_size]}]
+    # fp32 compute: every state kept at fp32 precision as an fp16 hi/lo pair (Core ML states are fp16)
+    recurrent = manifest["state"]["linear_attention"]["buffers"]
+    assert set(recurrent) == {"conv_state_hi", "conv_state_lo", "recurrent_state_hi", "recurrent_state_lo"}
+    assert recurrent["recurrent_state_hi"]["shape"] == [1, config.linear_num_value_heads, config.linear_key_head_dim,
+                                                        config.linear_value_head_dim]
+    assert manifest["precision"]["fp32_precision_states"] == ["conv_state", "key_cache", "recurrent_state", "value_cache"]
+    assert {"read_state", "write_state", "matmul", "cumsum"} <= set(manifest["operations"]["prefill"])
+    assert manifest["parity"]["passed"] and manifest["parity"]["runtime"] == "emulator"
+    validate_manifest(manifest, exported / "manifest.json")
+
+
+def test_one_program_two_functions_with_states_and_no_state_round_trips(spec, manifest):
+    program = spec.mlProgram
+    assert set(program.functions) == {"prefill", "decode"}
+    assert spec.description.defaultFunctionName == "decode"
+    for name, function in program.functions.items():
+        assert function.opset == "CoreML8"  # iOS 18
+        states = [i.name for i in function.inputs if i.type.HasField("stateType")]
+        inputs = [i.name for i in function.inputs if not i.type.HasField("stateType")]
+        assert states == manifest["methods"][name]["states"]
+        assert inputs == [i["name"] for i in manifest["methods"][name]["inputs"]]
+        block = function.block_specializations[function.opset]
+        assert list(block.outputs) == ["logits"]  # no state goes out
+        for state in function.inputs:
+            if state.type.HasField("stateType"):
+                assert state.type.stateType.wrappedType.tensorType.dataType == 10  # fp16
+        for op in block.operations:  # static shapes only
+            for output in op.outputs:
+                if output.type.HasField("tensorType"):
+                    assert all(d.HasField("constant") for d in output.type.tensorType.dimensions), op.type
+
+
+def test_weights_are_shared_by_the_two_functions(exported, loaded):
+    package = emulator.Package(exported / "model.mlpackage")
+    offsets = {}
+    for name, function in package.functions.items():
+        offsets[name] = {op.attributes["val"].blobFileValue.offset for op in function.operations
+                         if op.type == "const" and op.attributes["val"].HasField("blobFileValue")}
+    assert offsets["prefill"] & offsets["decode"]
+    weights = (exported / "model.mlpackage" / emulator.WEIGHTS_DIR / "weight.bin").stat().st_size
+    parameters = sum(p.numel() for p in loaded.model.parameters())
+    assert weights < 1.3 * 4 * parameters  # one fp32 copy, not two
+
+
+def test_the_emulated_program_matches_eager_within_the_fp32_gate(manifest):
+    parity = manifest["parity"]
+    assert parity["tokens_fed"] >= 64 and parity["decode_steps"] >= 16
+    assert parity["prefill_chunks"] == [32, 8, 17, 7]  # ragged tails, masked inside the fixed chunk
+    assert parity["ratio_to_std"] <= 1e-3 and parity["reset_max_abs_diff"] <= parity["reset_allowed"]
+
+
+def test_padded_tokens_do_not_touch_the_state(exported, loaded):
+    """Prefill 8 real tokens padded with two different fillers: identical states and logits."""
+    sessions = [runtime.EmulatorSession(exported / "model.mlpackage") for _ in range(2)]
+    tokens = list(range(100, 108))
+    for session, filler in zip(sessions, (0, 4000)):
+        padded = np.full((1, 32), filler, dtype=np.int32)
+        padded[0, :8] = tokens
+        session.call("prefill", {"tokens": padded, "input_pos": np.array([0], np.int32),
+                                 "length": np.array([8], np.int32)})
+    for name in sessions[0].state:
+        assert np.array_equal(sessions[0].state[name], sessions[1].state[name]), name
+
+
+def test_a_corrupted_or_truncated_package_fails(exported, loaded, manifest, tmp_path):
+    flipped = tmp_path / "flipped.mlpackage"
+    shutil.copytree(exported / "model.mlpackage", flipped)
+    blob = flipped / emulator.WEIGHTS_DIR / "weight.bin"
+    data = bytearray(blob.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = bytes(b ^ 0xFF for b in data[middle : middle + 4096])
+    blob.write_bytes(bytes(data))
+    from qwen_mobile.quant.plan import make_plan, resolve_scheme
+
+    fp32 = make_plan(loaded.model, resolve_scheme("fp32"))
+    try:
+        failed = not verify.measure(flipped, loaded.model, manifest["max_context"], manifest["max_seq_len"], fp32).passed
+    except QwenMobileError:
+        failed = True
+    assert failed
+
+    truncated = tmp_path / "truncated.mlpackage"
+    shutil.copytree(exported / "model.mlpackage", truncated)
+    spec = truncated / emulator.SPEC
+    spec.write_bytes(spec.read_bytes()[: spec.stat().st_size // 2])
+    with pytest.raises(QwenMobileError, match="model.mlmodel"):
+        runtime.open_session(truncated)
+
+
+def test_verify_command_passes_the_bundle_and_fails_a_corrupted_copy(exported, tmp_path):
+    from typer.testing import CliRunner
+
+    from qwen_mobile.cli import app
+
+    passed = CliRunner().invoke(app, ["verify", str(exported), "--json"])
+    assert passed.exit_code == 0, passed.output
+    assert json.loads(passed.stdout)["passed"] is True
+
+    corrupted = tmp_path / "corrupted"
+    shutil.copytree(exported, corrupted)
+    spec = corrupted / "model.mlpackage" / emulator.SPEC
+    spec.write_bytes(spec.read_bytes()[:1000])
+    failed = CliRunner().invoke(app, ["verify", str(corrupted), "--json"])
+    assert failed.exit_code != 0
+
+
+def test_run_command_streams_what_the_eager_model_generates(exported):
+    from typer.testing import CliRunner
+
+    from qwen_mobile.cli import app
+
+    through_emulator = CliRunner().invoke(app, ["run", str(exported), "-p", PROMPT, "-n", "12"])
+    eager = CliRunner().invoke(app, ["generate", "-p", PROMPT, "-n", "12"])
+    assert through_emulator.exit_code == 0, through_emulator.output
+    assert through_emulator.stdout == eager.stdout and through_emulator.stdout.strip()
+
+
+def test_a_failing_gate_leaves_no_bundle(exported, tmp_path, monkeypatch):
+    """The gate is untouched (shortened to 3 decode steps); its eager reference is shifted."""
+    import qwen_mobile.parity as parity
+
+    def copy_package(model, plan, out, *args):
+        shutil.copytree(exported / "model.mlpackage", out)
+        return lower.Lowered()
+
+    monkeypatch.setattr(lower, "lower", copy_package)  # the real conversion already ran in `exported`
+    monkeypatch.setattr(parity, "DECODE_STEPS", 3)
+    reference = parity.reference_logits
+    monkeypatch.setattr(parity, "reference_logits", lambda *args: reference(*args) + 1.0)
+    with pytest.raises(QwenMobileError, match="disagrees with the eager model"):
+        export_bundle(None, "coreml", None, tmp_path / "bundle")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_schemes_it_cannot_encode_are_refused_by_name():
+    with pytest.raises(QwenMobileError, match="--quant 'int8' is not supported by the coreml backend; it supports fp32"):
+        export_bundle(None, "coreml", "int8", Path("unused"))
+
+
+@pytest.mark.skipif(sys.platform != "darwin", reason="Core ML runs only on Apple systems")
+def test_core_ml_itself_agrees_on_macos(exported, loaded, manifest):
+    from qwen_mobile.quant.plan import make_plan, resolve_scheme
+
+    session = runtime.CoreMLSession(exported / "model.mlpackage")
+    assert session.runtime == "coreml"
+    fp32 = make_plan(loaded.model, resolve_scheme("fp32"))
+    assert verify.measure(exported / "model.mlpackage", loaded.model, manifest["max_context"],
+                          manifest["max_seq_len"], fp32).passed
