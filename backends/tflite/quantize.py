@@ -5,16 +5,18 @@ every planned weight sits in the flatbuffer as a float32 constant whose bytes eq
 `plan.weights[name].dequantize()`. Each such constant is then replaced, in every
 signature that uses it, by the plan's own integers and scales:
 
-    int8 constant [rows * groups, group_size]  (per-channel quantized on axis 0: one scale
-        and zero point per row and group, i.e. the plan's scale/zero_point flattened)
-      -> DEQUANTIZE -> float32 [rows * groups, group_size]
-      -> RESHAPE    -> float32 [rows, columns]   (only when groups > 1)
-      -> the FULLY_CONNECTED / EMBEDDING_LOOKUP that used the float constant
+- per-channel weights (int8): an int8 constant [rows, columns] quantized per channel on
+  axis 0 (the plan's scale and zero point per row) -> DEQUANTIZE -> the FULLY_CONNECTED or
+  EMBEDDING_LOOKUP that used the float constant;
+- grouped weights (int4, group_size columns per scale): a packed INT4 constant
+  [rows * groups, group_size] with scale 1 -> DEQUANTIZE -> MUL by the plan's scales
+  [rows * groups, 1] -> RESHAPE [rows, columns] -> the op. Per-channel parameters on the
+  reshaped tensor would express the groups too, but TFLite keeps quantization parameters
+  on each signature's tensor, so prefill and decode would each store a copy (the int4 file
+  came out larger than int8's); the scale constant is one buffer both signatures share.
 
-so the weights stay weight-only quantized (float activations), in builtin ops, with
-blockwise groups expressed as per-channel quantization of the reshaped weight (which
-LiteRT's NPU plugins accept, unlike the schema's blockwise quantization). The ints in
-the file are the plan's ints: the test reads them back.
+Weights stay weight-only quantized (float activations), in builtin ops only. The integers
+in the file are the plan's: `read_weights` reads them back for the tests.
 
 Full-integer static quantization (int8/int16 activations from calibration data, what NPU
 targets want) is a later plan property: `activation_ranges` below is the hook, refused
@@ -90,6 +92,14 @@ def _quantization(weight: QuantizedWeight):
     return params
 
 
+def _unit_quantization():
+    """Per-tensor scale 1, zero point 0: DEQUANTIZE yields the integers themselves as floats."""
+    params = schema().QuantizationParametersT()
+    params.scale, params.zeroPoint = np.ones(1, np.float32), np.zeros(1, np.int64)
+    params.quantizedDimension = 0
+    return params
+
+
 def _float_buffers(model) -> dict[bytes, int]:
     found = {}
     for index, buffer in enumerate(model.buffers):
@@ -109,6 +119,7 @@ def encode(flatbuffer: bytes, plan: QuantPlan) -> bytes:
     by_prefix = _float_buffers(model)
     dequantize_op = _opcode_index(model, s.BuiltinOperator.DEQUANTIZE, 4)
     reshape_op = _opcode_index(model, s.BuiltinOperator.RESHAPE, 1)
+    mul_op = _opcode_index(model, s.BuiltinOperator.MUL, 1)
 
     encoded: dict[int, str] = {}  # float buffer -> the plan weight that replaced it
     for name, weight in plan.weights.items():
@@ -122,8 +133,15 @@ def encode(flatbuffer: bytes, plan: QuantPlan) -> bytes:
         rows, columns = weight.qdata.shape
         groups = columns // weight.group_size
         stored_shape = [rows * groups, weight.group_size]
-        qbuffer = _add_buffer(model, weight.qdata.reshape(stored_shape).numpy().astype(np.int8).tobytes())
-        shape_buffer = _add_buffer(model, np.array([rows, columns], np.int32).tobytes()) if groups > 1 else None
+        qdata = weight.qdata.reshape(stored_shape).numpy().astype(np.int8)
+        qtype = s.TensorType.INT4 if weight.bits == 4 else s.TensorType.INT8
+        qbuffer = _add_buffer(model, pack_int4(qdata) if weight.bits == 4 else qdata.tobytes())
+        shape_buffer = scale_buffer = None
+        if groups > 1:
+            if bool(weight.zero_point.any()):
+                raise QwenMobileError(f"{name}: grouped weights with nonzero zero points are not encoded by the tflite backend")
+            shape_buffer = _add_buffer(model, np.array([rows, columns], np.int32).tobytes())
+            scale_buffer = _add_buffer(model, weight.scale.reshape(-1, 1).numpy().astype(np.float32).tobytes())
         for subgraph in model.subgraphs:
             users = [t for t, tensor in enumerate(subgraph.tensors) if tensor.buffer == index]
             new_ops = []
@@ -131,20 +149,29 @@ def encode(flatbuffer: bytes, plan: QuantPlan) -> bytes:
                 target = subgraph.tensors[user]
                 target.buffer = 0  # now computed: buffer 0 is the schema's empty sentinel
                 label = f"{name}.qdata"
-                qtensor = _tensor(subgraph, label, stored_shape, s.TensorType.INT8, qbuffer, _quantization(weight))
+                params = _quantization(weight) if groups == 1 else _unit_quantization()
+                qtensor = _tensor(subgraph, label, stored_shape, qtype, qbuffer, params)
                 op = s.OperatorT()
                 op.opcodeIndex, op.inputs = dequantize_op, np.array([qtensor], np.int32)
                 if groups == 1:
                     op.outputs = np.array([user], np.int32)
                     new_ops.append(op)
                     continue
+                # grouped: scales as one float constant shared by both signatures (per-channel parameters
+                # live on each signature's tensor and would be stored twice), applied by MUL
+                ints = _tensor(subgraph, f"{name}.ints", stored_shape, s.TensorType.FLOAT32, 0)
+                scales = _tensor(subgraph, f"{name}.scale", [rows * groups, 1], s.TensorType.FLOAT32, scale_buffer)
                 flat = _tensor(subgraph, f"{name}.dequantized", stored_shape, s.TensorType.FLOAT32, 0)
                 shape = _tensor(subgraph, f"{name}.shape", [2], s.TensorType.INT32, shape_buffer)
-                op.outputs = np.array([flat], np.int32)
+                op.outputs = np.array([ints], np.int32)
+                multiply = s.OperatorT()
+                multiply.opcodeIndex = mul_op
+                multiply.inputs, multiply.outputs = np.array([ints, scales], np.int32), np.array([flat], np.int32)
+                multiply.builtinOptionsType, multiply.builtinOptions = s.BuiltinOptions.MulOptions, s.MulOptionsT()
                 reshape = s.OperatorT()
                 reshape.opcodeIndex = reshape_op
                 reshape.inputs, reshape.outputs = np.array([flat, shape], np.int32), np.array([user], np.int32)
-                new_ops += [op, reshape]
+                new_ops += [op, multiply, reshape]
             subgraph.operators = new_ops + list(subgraph.operators)
         model.buffers[index].data = None  # the float copy leaves the file
 
@@ -153,19 +180,43 @@ def encode(flatbuffer: bytes, plan: QuantPlan) -> bytes:
     return bytes(builder.Output())
 
 
+def pack_int4(values: np.ndarray) -> bytes:
+    """TFLite's INT4 layout: two values per byte, the first in the low nibble."""
+    flat = values.reshape(-1).astype(np.int8)
+    if flat.size % 2:
+        flat = np.append(flat, np.int8(0))
+    low, high = flat[0::2].astype(np.uint8) & 0x0F, flat[1::2].astype(np.uint8) & 0x0F
+    return (low | (high << 4)).astype(np.uint8).tobytes()
+
+
+def unpack_int4(data: bytes, count: int) -> np.ndarray:
+    packed = np.frombuffer(data, dtype=np.uint8)
+    nibbles = np.stack((packed & 0x0F, packed >> 4), axis=-1).reshape(-1)[:count].astype(np.int8)
+    return np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.int8)
+
+
 def read_weights(flatbuffer: bytes) -> dict[str, dict]:
-    """The int8 constants this module wrote, by plan weight name: {qdata [rows*groups, group], scale, zero_point}."""
+    """The integer constants this module wrote, by plan weight name:
+    {bits, qdata int8 [rows*groups, group] (int4 unpacked), scale, zero_point}."""
     s = schema()
     model = s.ModelT.InitFromPackedBuf(flatbuffer, 0)
     weights = {}
     for subgraph in model.subgraphs:
         for tensor in subgraph.tensors:
             name = tensor.name.decode()
-            if tensor.type == s.TensorType.INT8 and name.endswith(".qdata") and name[:-6] not in weights:
-                data = np.frombuffer(bytes(model.buffers[tensor.buffer].data), dtype=np.int8)
+            if tensor.type in (s.TensorType.INT8, s.TensorType.INT4) and name.endswith(".qdata") and name[:-6] not in weights:
+                shape = [int(d) for d in tensor.shape]
+                raw = bytes(model.buffers[tensor.buffer].data)
+                data = unpack_int4(raw, int(np.prod(shape))) if tensor.type == s.TensorType.INT4 else np.frombuffer(raw, np.int8)
                 weights[name[:-6]] = {
-                    "qdata": data.reshape([int(d) for d in tensor.shape]),
+                    "bits": 4 if tensor.type == s.TensorType.INT4 else 8,
+                    "qdata": data.reshape(shape),
                     "scale": np.asarray(tensor.quantization.scale, np.float32),
                     "zero_point": np.asarray(tensor.quantization.zeroPoint, np.int64),
                 }
+        for tensor in subgraph.tensors:  # grouped weights: scales in a shared float constant
+            name = tensor.name.decode()
+            if name.endswith(".scale") and name[:-6] in weights and tensor.buffer:
+                weights[name[:-6]]["scale"] = np.frombuffer(bytes(model.buffers[tensor.buffer].data), np.float32)
+                weights[name[:-6]]["zero_point"] = np.zeros_like(weights[name[:-6]]["zero_point"], shape=weights[name[:-6]]["scale"].shape)
     return weights
