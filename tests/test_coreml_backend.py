@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from qwen_mobile.backends.coreml import bundle, emulator, lower, runtime, verify
+from qwen_mobile.backends.coreml import emulator, lower, runtime, verify
 from qwen_mobile.bundle import validate_manifest
 from qwen_mobile.checkpoint import load, stop_token_ids
 from qwen_mobile.errors import QwenMobileError
@@ -128,7 +127,13 @@ def test_padded_tokens_do_not_touch_the_state(exported, loaded):
         assert np.array_equal(sessions[0].state[name], sessions[1].state[name]), name
 
 
-def test_a_corrupted_or_truncated_package_fails(exported, loaded, manifest, tmp_path):
+def test_a_corrupted_or_truncated_package_fails(exported, loaded, manifest, tmp_path, monkeypatch):
+    """Flipped weight bytes fail the gate (shortened to a 7-token prefill and 3 decode steps;
+    the verify command test below runs it in full); a truncated program does not load."""
+    import qwen_mobile.parity as parity
+
+    monkeypatch.setattr(parity, "PREFILL_CHUNKS", (7,))
+    monkeypatch.setattr(parity, "DECODE_STEPS", 3)
     flipped = tmp_path / "flipped.mlpackage"
     shutil.copytree(exported / "model.mlpackage", flipped)
     blob = flipped / emulator.WEIGHTS_DIR / "weight.bin"
@@ -182,7 +187,8 @@ def test_run_command_streams_what_the_eager_model_generates(exported):
 
 
 def test_a_failing_gate_leaves_no_bundle(exported, tmp_path, monkeypatch):
-    """The gate is untouched (shortened to 3 decode steps); its eager reference is shifted."""
+    """The gate is untouched (shortened to a 7-token prefill and 3 decode steps); its eager
+    reference is shifted."""
     import qwen_mobile.parity as parity
 
     def copy_package(model, plan, out, *args):
@@ -190,6 +196,7 @@ def test_a_failing_gate_leaves_no_bundle(exported, tmp_path, monkeypatch):
         return lower.Lowered()
 
     monkeypatch.setattr(lower, "lower", copy_package)  # the real conversion already ran in `exported`
+    monkeypatch.setattr(parity, "PREFILL_CHUNKS", (7,))
     monkeypatch.setattr(parity, "DECODE_STEPS", 3)
     reference = parity.reference_logits
     monkeypatch.setattr(parity, "reference_logits", lambda *args: reference(*args) + 1.0)
@@ -199,7 +206,7 @@ def test_a_failing_gate_leaves_no_bundle(exported, tmp_path, monkeypatch):
 
 
 def test_schemes_it_cannot_encode_are_refused_by_name():
-    with pytest.raises(QwenMobileError, match="--quant 'int8' is not supported by the coreml backend; it supports fp32"):
+    with pytest.raises(QwenMobileError, match="--quant 'int8' is not supported by the coreml backend; it supports fp32, fp16"):
         export_bundle(None, "coreml", "int8", Path("unused"))
 
 

@@ -21,8 +21,20 @@ from qwen_mobile.staging import staged_directory
 
 from . import BACKEND, emulator, lower, verify
 
-# Measured with drift.measure on qwen3.5-tiny (2,048 tokens, one per call); see the README.
-RECURRENT_STATE_DRIFT = None
+# Measured with drift.measure(model) on qwen3.5-tiny (2,048 tokens, one per call, 50 s on one
+# core). Not material: fp16 compute stores the recurrent state as one fp16 state (the
+# recurrence itself still computes in fp32).
+RECURRENT_STATE_DRIFT = {
+    "tokens": 2048,
+    "feeding": "one token per call, conv and KV state fp16 in both arms",
+    "state_relative_error": 0.0002869279,
+    "logits_max_diff_ratio_to_std": 0.0006204089,
+    "top1_agreement": 1.0,
+    "mean_kl": 1.96e-08,
+    "last_256_top1_agreement": 1.0,
+    "material": False,
+    "rule": "material if top-1 agreement < 0.99 or max|diff| > 0.05 x std"
+}
 
 
 def export(

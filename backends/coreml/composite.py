@@ -8,7 +8,10 @@ sub, transpose, reshape, tile, slice_by_index, concat, cast), in one of two form
   chunk (unrolled), with the unit-lower-triangular chunk system inverted by repeated
   squaring, (I - N)^-1 = prod_j (I + N^(2^j)): matmuls only, no triangular solve.
 
-Every op the composite emits computes in fp32 (inputs are cast up when the program
+The same module converts the two small ops (lower.pair_join / lower.pair_split) that
+read and write a state held at fp32 precision as an fp16 hi/lo pair.
+
+Every op these converters emit computes in fp32 (inputs are cast up when the program
 computes in fp16) and carries GDR_TAG in its name, so an fp16 export can leave exactly
 these ops in fp32 (see lower.FP32_OPS): the recurrent state accumulates over the whole
 sequence.
@@ -51,7 +54,7 @@ def build(q, k, v, g, beta, state, name: str):
 
     n = _Names(name)
     batch, length, key_heads, key_dim = q.shape
-    value_heads, value_dim = v.shape[2], v.shape[3]
+    value_heads = v.shape[2]
     groups = value_heads // key_heads
 
     def fp32(x):
@@ -153,6 +156,29 @@ def _chunk(mb, n, q, k, v, g, beta, state, size):
     return out, state
 
 
+def build_pair_join(high, low, name: str):
+    """fp32 value of a state held as an fp16 hi/lo pair: hi + lo, in fp32."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    n = _Names(name)
+    high, low = (x if x.dtype == types.fp32 else mb.cast(x=x, dtype="fp32", name=n("cast")) for x in (high, low))
+    return mb.add(x=high, y=low, name=n("join"))
+
+
+def build_pair_split(value, name: str):
+    """(hi, lo) with hi = fp16(value) and lo = value - hi, computed in fp32 (both returned as
+    fp32; storing them into fp16 states rounds lo only)."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    n = _Names(name)
+    if value.dtype != types.fp32:
+        value = mb.cast(x=value, dtype="fp32", name=n("cast"))
+    high = mb.cast(x=mb.cast(x=value, dtype="fp16", name=n("round")), dtype="fp32", name=n("high"))
+    return high, mb.sub(x=value, y=high, name=n("low"))
+
+
 def register() -> None:
     """Register the converter for the op as the torch frontend names it (idempotent)."""
     global _registered
@@ -167,5 +193,17 @@ def register() -> None:
         context.add(out, torch_name=node.outputs[0])
         context.add(final, torch_name=node.outputs[1])
 
+    def qwen_mobile_coreml_pair_join(context, node):
+        high, low = _get_inputs(context, node, expected=2)
+        context.add(build_pair_join(high, low, node.name), torch_name=node.outputs[0])
+
+    def qwen_mobile_coreml_pair_split(context, node):
+        (value,) = _get_inputs(context, node, expected=1)
+        high, low = build_pair_split(value, node.name)
+        context.add(high, torch_name=node.outputs[0])
+        context.add(low, torch_name=node.outputs[1])
+
     register_torch_op(qwen_mobile_gated_delta_rule, torch_alias=["qwen_mobile::gated_delta_rule"], override=True)
+    register_torch_op(qwen_mobile_coreml_pair_join, torch_alias=["qwen_mobile_coreml::pair_join"], override=True)
+    register_torch_op(qwen_mobile_coreml_pair_split, torch_alias=["qwen_mobile_coreml::pair_split"], override=True)
     _registered = True

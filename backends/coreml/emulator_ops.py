@@ -5,7 +5,7 @@ returns its output(s); the interpreter (emulator.py) then rounds each result to 
 dtype the program declares. Reductions, matmuls and transcendental functions compute in
 fp32 and round once at the end: an fp16 op gets fp16 inputs and an fp16 result, with
 fp32 accumulation inside, which is how Core ML's GPU and Neural Engine kernels behave.
-The set of ops is OPS; SUPPORTED_OPS.json lists it for the manifest and the docs.
+The set of ops is OPS; an op outside it is refused by name (emulator.Package.check_supported).
 """
 
 from __future__ import annotations

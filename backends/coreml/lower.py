@@ -9,7 +9,8 @@ Two functions share one weight blob:
 - `decode(tokens int32[1, 1], input_pos int32[1]) -> logits [1, vocab]`: one token.
 
 Conv, recurrent and KV state are Core ML states (`ct.StateType`), updated in place by
-the program; a call at input_pos 0 starts a new sequence (the conv and recurrent states
+the program. Core ML states are fp16 only, so a state kept at fp32 precision (all of them
+under fp32 compute) is a pair of fp16 states, hi + lo (see stored_states); a call at input_pos 0 starts a new sequence (the conv and recurrent states
 are zeroed there, as in the core model; KV slots beyond a query's position are masked).
 All shapes are static. KV writes are one-hot matmuls plus a select rather than a
 slice_update at a dynamic offset, so a prefill chunk never writes past the cache.
@@ -18,7 +19,6 @@ slice_update at a dynamic offset, so a prefill chunk never writes past the cache
 from __future__ import annotations
 
 import contextlib
-import shutil
 import tempfile
 import time
 import warnings
@@ -53,6 +53,20 @@ def state_tensors(config: Qwen35Config, max_context: int) -> list[dict[str, torc
     return [dict(zip(STATE_NAMES[t], pair)) for t, pair in zip(config.layer_types, init_state(config, max_context))]
 
 
+@torch.library.custom_op("qwen_mobile_coreml::pair_join", mutates_args=())
+def pair_join(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """A state held as an fp16 hi/lo pair, as fp32. Its own op so that the converter can keep
+    it in fp32 inside an fp16 program (composite.build_pair_join)."""
+    return high.float() + low.float()
+
+
+@torch.library.custom_op("qwen_mobile_coreml::pair_split", mutates_args=())
+def pair_split(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 -> (hi = fp16-representable part, lo = the rest), both fp32 (composite.build_pair_split)."""
+    high = value.float().to(torch.float16).float()
+    return high, value.float() - high
+
+
 def stored_states(config: Qwen35Config, max_context: int, split: frozenset[str]) -> list[tuple[str, str, tuple]]:
     """(Core ML state name, kind, shape) for every state the program holds, in order.
 
@@ -81,17 +95,19 @@ class CoreMLQwen35(nn.Module):
         for layer, tensors in enumerate(state_tensors(model.config, max_context)):
             self.kinds.append([(state_name(layer, kind), kind) for kind in tensors])
 
-    def read(self, name: str, kind: str) -> torch.Tensor:
-        if kind in self.split:
-            return getattr(self, name + "_hi") + getattr(self, name + "_lo")
-        return getattr(self, name)
+    def read(self, name: str, kind: str, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The state's value; `scale` (0 or 1) multiplies the stored parts, which is exact in fp16."""
+        parts = [getattr(self, name + part) for part in (("_hi", "_lo") if kind in self.split else ("",))]
+        if scale is not None:
+            parts = [part * scale for part in parts]
+        return pair_join(*parts) if kind in self.split else parts[0]
 
     def write(self, name: str, kind: str, value: torch.Tensor) -> None:
         """Slice assignment of the whole buffer: coremltools' form of an in-place state update."""
         if kind in self.split:
-            high = value.to(torch.float16).to(torch.float32)
+            high, low = pair_split(value)
             getattr(self, name + "_hi")[:] = high
-            getattr(self, name + "_lo")[:] = value - high
+            getattr(self, name + "_lo")[:] = low
         else:
             getattr(self, name)[:] = value
 
@@ -108,12 +124,12 @@ class CoreMLQwen35(nn.Module):
         x = model.embed_tokens(tokens)
         cos, sin = model.rotary(positions)
         for layer, ((first_name, first_kind), (second_name, second_kind)) in zip(model.layers, self.kinds):
-            first, second = self.read(first_name, first_kind), self.read(second_name, second_kind)
             normed = layer.input_layernorm(x)
-            if layer.is_linear:
-                mixed, first, second = self.linear(layer.linear_attn, normed, first * continuing,
-                                                   second * continuing, real, length)
+            if layer.is_linear:  # a call at input_pos 0 starts from zero conv and recurrent state
+                first, second = self.read(first_name, first_kind, continuing), self.read(second_name, second_kind, continuing)
+                mixed, first, second = self.linear(layer.linear_attn, normed, first, second, real, length)
             else:
+                first, second = self.read(first_name, first_kind), self.read(second_name, second_kind)
                 mixed, first, second = self.attention(layer.self_attn, normed, cos, sin, positions, first, second, real)
             self.write(first_name, first_kind, first)
             self.write(second_name, second_kind, second)
@@ -276,8 +292,3 @@ def lower(model: Qwen35, plan: QuantPlan, out: Path, max_context: int, chunk: in
         with quiet():
             ct.utils.save_multifunction(descriptor, str(out))
     return Lowered(seconds=time.perf_counter() - started)
-
-
-def remove(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
