@@ -128,13 +128,24 @@ def export(
     backend: str = typer.Option(DEFAULT_BACKEND, "--backend", "-b", help="Target runtime"),
     quant: Optional[str] = typer.Option(None, "--quant", "-q", help="Quantization scheme [default: the backend's first]"),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Bundle directory [default: MODEL-BACKEND-QUANT]"),
+    group_size: Optional[int] = typer.Option(
+        None, "--group-size", help="Columns per scale for grouped schemes (int4, 8da4w): 32, 64 or 128 [default: 32]"
+    ),
+    embeddings_8bit: bool = typer.Option(
+        False, "--embeddings-8bit", help="Keep the embedding and lm_head at 8 bit (per channel) under a 4-bit scheme"
+    ),
 ):
-    """Write a bundle (artifact, tokenizer, manifest) that the demo apps run unchanged."""
+    """Write a bundle (artifact, tokenizer, manifest) that the demo apps run unchanged.
+
+    --quant schemes: fp32; fp16; int8 and int4 (weight-only); 8da4w (int4 weights in groups of --group-size columns, int8 dynamic per-token activations). 4-bit schemes quantize the embedding and lm_head too, unless --embeddings-8bit. Each backend lists the schemes it encodes in the error for one it does not.
+
+    The export runs the parity gate on the artifact as written and leaves nothing behind if it fails."""
     from qwen_mobile.export import export_bundle
 
     try:
-        with err.status(f"exporting to {backend}: load, lower, write, verify through the runtime"), quiet_warnings():
-            bundle = export_bundle(model, backend, quant, out_dir)
+        with err.status(f"exporting to {backend}: load, quantize, lower, write, verify through the runtime"), \
+                quiet_warnings():
+            bundle = export_bundle(model, backend, quant, out_dir, group_size, embeddings_8bit)
     except QwenMobileError as error:
         _fail(error)
     out.print(f"wrote {bundle}")

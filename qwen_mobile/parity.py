@@ -8,18 +8,24 @@ first, and compares both against the eager model fed identically:
 
 - float artifacts against the float model: max |diff| <= 1e-3 x the reference logits' std;
 - quantized artifacts against the same plan applied to the eager model (quant.eager):
-  <= 2e-2 x std and top-1 agreement >= 99%, so only the lowering's own error is gated;
-  their distance from the float model (mean KL, top-1) is measured and reported;
+  relative difference ||diff|| / ||reference|| <= 2e-2 at every position and top-1
+  agreement >= 99%, so only the lowering's own error is gated; their distance from the
+  float model (mean KL, top-1) is measured and reported. Not max |diff| / std here: with
+  dynamic activation quantization, a 1e-7 difference upstream (any two fp32 kernels) can
+  flip one activation to the next int8 level, so single logits move by a quantization
+  step even when the lowering is right; the norm measures the whole distribution;
 - reduced-precision compute (fp16) against the float model: top-1 agreement >= 99%.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+from qwen_mobile.corpus import load_corpus, split_corpus
 from qwen_mobile.models.qwen3_5 import Qwen35, init_state
 from qwen_mobile.quant.eager import dequantized
 from qwen_mobile.quant.plan import QuantPlan
@@ -38,12 +44,15 @@ RunPass = Callable[[torch.Tensor, Spans], torch.Tensor]
 class Gate:
     reference: str  # what the artifact is compared against
     tolerance: float | None  # max |diff| as a fraction of the reference logits' std
+    max_relative_diff: float | None  # max over positions of ||diff|| / ||reference||
     min_top1: float | None  # least top-1 agreement with the reference
 
 
-FLOAT_GATE = Gate("float eager model", tolerance=1e-3, min_top1=None)
-QUANTIZED_GATE = Gate("eager model with the same quantization plan", tolerance=2e-2, min_top1=0.99)
-REDUCED_PRECISION_GATE = Gate("float eager model", tolerance=None, min_top1=0.99)
+FLOAT_GATE = Gate("float eager model", tolerance=1e-3, max_relative_diff=None, min_top1=None)
+QUANTIZED_GATE = Gate(
+    "eager model with the same quantization plan", tolerance=None, max_relative_diff=2e-2, min_top1=0.99
+)
+REDUCED_PRECISION_GATE = Gate("float eager model", tolerance=None, max_relative_diff=None, min_top1=0.99)
 
 
 @dataclass
@@ -53,6 +62,8 @@ class Parity:
     reference_std: float
     ratio_to_std: float
     tolerance: float | None
+    relative_diff: float  # max over positions of ||diff|| / ||reference||
+    max_relative_diff: float | None
     top1_agreement: float
     min_top1: float | None
     positions_checked: int  # logits compared per pass: one per call
@@ -67,14 +78,17 @@ class Parity:
     def passed(self) -> bool:
         # each comparison is written so that a NaN fails it
         close = self.tolerance is None or bool(self.ratio_to_std <= self.tolerance)
+        close = close and (self.max_relative_diff is None or bool(self.relative_diff <= self.max_relative_diff))
         agrees = self.min_top1 is None or bool(self.top1_agreement >= self.min_top1)
         return close and agrees and bool(self.reset_max_abs_diff <= self.reset_allowed)
 
     def summary(self) -> str:
         allowed = f" (allowed {self.tolerance:g})" if self.tolerance is not None else ""
+        relative = f" (allowed {self.max_relative_diff:g})" if self.max_relative_diff is not None else ""
         top1 = f" (needs {self.min_top1:g})" if self.min_top1 is not None else ""
         return (
             f"vs the {self.reference}: max|diff| {self.max_abs_diff:.3g} = {self.ratio_to_std:.3g} x std{allowed}, "
+            f"relative difference {self.relative_diff:.3g}{relative}, "
             f"top-1 agreement {self.top1_agreement:.3f}{top1} over {self.positions_checked} positions, "
             f"after reset {self.reset_max_abs_diff:.3g} (allowed {self.reset_allowed:.3g})"
         )
@@ -95,6 +109,12 @@ def feeding_plan(max_context: int, max_seq_len: int) -> tuple[Spans, Spans]:
             position, size = position + length, size - length
     decode = [(p, p + 1) for p in range(position, position + DECODE_STEPS)]
     return [s for s in prefill if s[1] <= max_context], [s for s in decode if s[1] <= max_context]
+
+
+def gate_length(max_context: int, max_seq_len: int) -> int:
+    """How many tokens the gate feeds."""
+    prefill, decode = feeding_plan(max_context, max_seq_len)
+    return (prefill + decode)[-1][1]
 
 
 def sample_tokens(vocab_size: int, length: int) -> torch.Tensor:
@@ -118,6 +138,22 @@ def mean_kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
 
 
+def relative_diff(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    """max over positions of ||logits - reference|| / ||reference|| (reference repeated to match)."""
+    reference = reference.repeat(logits.shape[0] // reference.shape[0], 1)
+    return ((logits - reference).norm(dim=-1) / reference.norm(dim=-1)).max().item()
+
+
+def held_out_tokens(tokenizer_dir: Path, length: int) -> torch.Tensor:
+    """The first `length` ids of the held-out corpus split, under the checkpoint's own tokenizer:
+    natural text, so top-1 agreement is measured where the model has an opinion, not on the
+    near-ties random ids produce."""
+    from qwen_mobile.generate import load_tokenizer
+
+    ids = load_tokenizer(tokenizer_dir).encode(split_corpus(load_corpus())[1][: length * 16], add_special_tokens=False)
+    return torch.tensor([ids[:length]])
+
+
 def top1_agreement(reference: torch.Tensor, logits: torch.Tensor) -> float:
     return (reference.argmax(-1) == logits.argmax(-1)).float().mean().item()
 
@@ -129,12 +165,20 @@ def check_parity(
     max_seq_len: int,
     plan: QuantPlan | None = None,
     gate: Gate | None = None,
+    tokens: torch.Tensor | None = None,
 ) -> Parity:
-    """Measure the artifact against the reference its plan calls for (see the module doc).
-    Raises only what run_pass raises when the artifact cannot load or run."""
+    """Measure the artifact against the reference its plan calls for (see the module doc),
+    feeding `tokens` [1, N] (held_out_tokens, when the checkpoint has a tokenizer) or,
+    by default, seeded random ids. Raises only what run_pass raises when the artifact
+    cannot load or run."""
     prefill, decode = feeding_plan(max_context, max_seq_len)
     spans = prefill + decode
-    tokens = sample_tokens(model.config.vocab_size, spans[-1][1])
+    needed = gate_length(max_context, max_seq_len)
+    if tokens is None:
+        tokens = sample_tokens(model.config.vocab_size, needed)
+    elif tokens.shape[1] < needed:
+        raise ValueError(f"the gate feeds {needed} tokens; {tokens.shape[1]} given")
+    tokens = tokens[:, :needed]
     float_reference = reference_logits(model, tokens, spans, max_context)
     quantized = plan is not None and bool(plan.weights)
     if quantized:
@@ -155,6 +199,8 @@ def check_parity(
         reference_std=reference_std,
         ratio_to_std=max_abs_diff / reference_std if reference_std > 0 else float("inf"),
         tolerance=gate.tolerance,
+        relative_diff=relative_diff(reference, torch.cat((first, second))),
+        max_relative_diff=gate.max_relative_diff,
         top1_agreement=top1_agreement(reference, first),
         min_top1=gate.min_top1,
         positions_checked=len(spans),

@@ -45,7 +45,7 @@ def export(
     with staged_directory(out) as staging:
         program = lower.lower(model, plan, max_context, max_seq_len, metadata)
         (staging / BACKEND.artifact).write_bytes(program.pte)
-        parity = verify.require_parity(staging / BACKEND.artifact, model, max_context, max_seq_len, plan)
+        parity = verify.require_parity(staging / BACKEND.artifact, model, max_context, max_seq_len, plan, checkpoint.path)
         copy_tokenizer(checkpoint.path, staging)
         write_manifest(build_manifest(checkpoint, plan, metadata, program, parity), staging, out)
     return out

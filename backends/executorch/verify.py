@@ -9,7 +9,7 @@ import torch
 from qwen_mobile.checkpoint import load
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.models.qwen3_5 import Qwen35
-from qwen_mobile.parity import Parity, Spans, check_parity
+from qwen_mobile.parity import Parity, Spans, check_parity, gate_length, held_out_tokens
 from qwen_mobile.quant.plan import QuantPlan, make_plan, scheme_from_manifest
 
 from . import runtime
@@ -19,15 +19,22 @@ def runtime_logits(method, tokens: torch.Tensor, spans: Spans) -> torch.Tensor:
     return torch.cat([runtime.step(method, tokens[:, start:end], start) for start, end in spans])
 
 
-def measure(pte: Path, model: Qwen35, max_context: int, max_seq_len: int, plan: QuantPlan | None = None) -> Parity:
+def measure(
+    pte: Path, model: Qwen35, max_context: int, max_seq_len: int, plan: QuantPlan, tokenizer_dir: Path
+) -> Parity:
     """Load the program once and run the gate's passes on that one method, so the second
     pass also proves that input_pos 0 resets the state held in the program."""
     method = runtime.load_forward(pte)
-    return check_parity(lambda tokens, spans: runtime_logits(method, tokens, spans), model, max_context, max_seq_len, plan)
+    tokens = held_out_tokens(tokenizer_dir, gate_length(max_context, max_seq_len))
+    return check_parity(
+        lambda ids, spans: runtime_logits(method, ids, spans), model, max_context, max_seq_len, plan, tokens=tokens
+    )
 
 
-def require_parity(pte: Path, model: Qwen35, max_context: int, max_seq_len: int, plan: QuantPlan | None = None) -> Parity:
-    parity = measure(pte, model, max_context, max_seq_len, plan)
+def require_parity(
+    pte: Path, model: Qwen35, max_context: int, max_seq_len: int, plan: QuantPlan, tokenizer_dir: Path
+) -> Parity:
+    parity = measure(pte, model, max_context, max_seq_len, plan, tokenizer_dir)
     if not parity.passed:
         raise QwenMobileError(f"{pte.name}: the ExecuTorch runtime disagrees with the eager model: {parity.summary()}")
     return parity
@@ -44,5 +51,5 @@ def verify_bundle(bundle: Path, manifest: dict) -> dict:
             "exported from (config_hash differs)"
         )
     plan = make_plan(loaded.model, scheme_from_manifest(manifest["quant"]))
-    parity = measure(bundle / "model.pte", loaded.model, manifest["max_context"], manifest["max_seq_len"], plan)
+    parity = measure(bundle / "model.pte", loaded.model, manifest["max_context"], manifest["max_seq_len"], plan, bundle)
     return parity.to_manifest()

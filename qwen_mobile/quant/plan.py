@@ -122,7 +122,7 @@ class QuantizedWeight:
 
 
 def round_to_nearest(weight: torch.Tensor, bits: int, group_size: int, activations: str | None) -> QuantizedWeight:
-    """Symmetric round-to-nearest: scale = max|w| of the group over half the integer range."""
+    """Symmetric round-to-nearest: scale = max|w| of the group over half the integer range (rounded to bf16)."""
     from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
 
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
@@ -132,8 +132,21 @@ def round_to_nearest(weight: torch.Tensor, bits: int, group_size: int, activatio
         weight, MappingType.SYMMETRIC, block, torch.int8, qmin, qmax,
         scale_dtype=torch.float32, zero_point_dtype=torch.int8, keepdim=True,
     )
+    scale = bf16_ceil(scale)
     qdata = quantize_affine(weight, block, scale, zero_point, torch.int8, qmin, qmax)
     return QuantizedWeight(qdata, scale, zero_point, bits, group_size, activations)
+
+
+def bf16_ceil(scale: torch.Tensor) -> torch.Tensor:
+    """The smallest bf16 value >= each (positive) scale.
+
+    Scales are kept bf16-exact: XNNPACK stores blockwise scales in bf16, and fp16 (Core ML,
+    TFLite) holds every such value in a weight's range, so each backend encodes the plan's
+    scales bit for bit instead of rounding them its own way. Rounding up, not to nearest,
+    keeps the largest weight of a group inside the integer range (no clamping error)."""
+    rounded = scale.to(torch.bfloat16)
+    next_up = (rounded.view(torch.int16) + 1).view(torch.bfloat16)  # positive floats order like their bits
+    return torch.where(rounded.float() < scale, next_up, rounded).float()
 
 
 @dataclass

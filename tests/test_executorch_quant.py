@@ -1,0 +1,101 @@
+"""ExecuTorch 8da4w: the core's plan reaches the .pte unchanged, and the runtime matches the plan in eager."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen_mobile.checkpoint import load
+from qwen_mobile.export import export_bundle
+from qwen_mobile.quant.plan import make_plan, resolve_scheme, scheme_from_manifest
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    return export_bundle(None, "executorch", "8da4w", tmp_path_factory.mktemp("export") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def manifest(exported) -> dict:
+    return json.loads((exported / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def plan(manifest):
+    return make_plan(load(None).model, scheme_from_manifest(manifest["quant"]))
+
+
+def xnnpack_int4(qdata: torch.Tensor) -> bytes:
+    """XNNPACK's 4-bit weight layout: value + 8 as a nibble, even columns in the low nibble."""
+    nibbles = (qdata.to(torch.int16) + 8).to(torch.uint8).reshape(-1)
+    return bytes((nibbles[1::2] << 4 | nibbles[::2]).tolist())
+
+
+def executorch_embedding_int4(qdata: torch.Tensor) -> bytes:
+    """quantized_decomposed::embedding_4bit's layout: value + 8, even columns in the high nibble."""
+    nibbles = (qdata.to(torch.int16) + 8).to(torch.uint8).reshape(-1)
+    return bytes((nibbles[::2] << 4 | nibbles[1::2]).tolist())
+
+
+def bf16_bytes(scale: torch.Tensor) -> bytes:
+    return scale.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
+
+
+def test_the_manifest_records_the_plan_and_both_comparisons(manifest, plan):
+    quant = manifest["quant"]
+    assert (quant["scheme"], quant["bits"], quant["group_size"], quant["embedding_bits"]) == ("8da4w", 4, 32, 4)
+    assert quant["activations"] == "int8_asymmetric_per_token"
+    assert set(quant["layers"]) == set(plan.weights)
+    assert all(name.rsplit(".", 2)[-2] in ("in_proj_a", "in_proj_b") for name in quant["higher_precision"])
+    gate = manifest["parity"]
+    assert gate["passed"] and gate["reference"] == "eager model with the same quantization plan"
+    assert gate["relative_diff"] <= gate["max_relative_diff"] == 2e-2 and gate["top1_agreement"] >= 0.99
+    assert gate["positions_checked"] >= 100 and gate["tokens_fed"] >= 64
+    # reported, not gated: how far the quantized model is from the float one
+    assert 0 < gate["versus_float"]["mean_kl"] < 0.5 and 0.5 < gate["versus_float"]["top1_agreement"] <= 1
+
+
+def test_the_program_holds_the_plans_integers_and_scales(exported, plan):
+    data = (exported / "model.pte").read_bytes()
+    linears = {name: w for name, w in plan.weights.items() if name != "embed_tokens.weight"}
+    for name, weight in linears.items():
+        assert xnnpack_int4(weight.qdata) in data, name
+        assert bf16_bytes(weight.scale) in data, name
+    embedding = plan.weights["embed_tokens.weight"]
+    assert executorch_embedding_int4(embedding.qdata) in data
+
+    # the search tells plans apart: one integer moved by one step is not in the program
+    weight = plan.weights["layers.0.mlp.down_proj.weight"]
+    moved = weight.qdata.clone()
+    moved[0, 0] = moved[0, 0] + 1 if moved[0, 0] < 7 else moved[0, 0] - 1
+    assert xnnpack_int4(moved) not in data
+
+
+def test_the_program_is_a_fraction_of_the_float_weights(exported):
+    parameters = sum(p.numel() for p in load(None).model.parameters())
+    assert (exported / "model.pte").stat().st_size < parameters * 4 / 4
+
+
+def test_verify_rebuilds_the_plan_and_passes(exported):
+    from typer.testing import CliRunner
+
+    from qwen_mobile.cli import app
+
+    result = CliRunner().invoke(app, ["verify", str(exported), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["passed"] is True
+
+
+def test_run_generates_text_through_the_quantized_program(exported):
+    from typer.testing import CliRunner
+
+    from qwen_mobile.cli import app
+
+    result = CliRunner().invoke(app, ["run", str(exported), "-p", "ROMEO:\n", "-n", "16"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip()
+
+
+def test_group_size_flag_reaches_the_plan():
+    assert resolve_scheme("8da4w", group_size=64).group_size == 64
