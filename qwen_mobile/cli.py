@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -38,10 +39,17 @@ TopPOption = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampli
 SeedOption = typer.Option(0, "--seed", help="Sampling seed")
 
 
+# Loggers that report on the libraries' own internals at import: torchao's CUDA kernels that
+# cannot load on a CPU machine, torch's pytree deprecations.
+LIBRARY_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 @contextlib.contextmanager
 def quiet_warnings():
     """The exporters' libraries warn about their own internals (deprecations, mutated
-    buffers); none of it is actionable for a user of this command."""
+    buffers, CUDA kernels absent on CPU); none of it is actionable for a user of this command."""
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
