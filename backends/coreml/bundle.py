@@ -19,7 +19,7 @@ from qwen_mobile.parity import Parity
 from qwen_mobile.quant.plan import QuantPlan
 from qwen_mobile.staging import staged_directory
 
-from . import BACKEND, emulator, lower, verify
+from . import BACKEND, compress, emulator, lower, verify
 
 # Measured with drift.measure(model) on qwen3.5-tiny (2,048 tokens, one per call, 50 s on one
 # core). Not material: fp16 compute stores the recurrent state as one fp16 state (the
@@ -45,11 +45,12 @@ def export(
     chunk: int = lower.DEFAULT_PREFILL_CHUNK,
 ) -> Path:
     checkpoint, model = loaded.checkpoint, loaded.model
-    if plan.weights:
+    if plan.scheme.name not in BACKEND.quant_schemes:
         raise QwenMobileError(
             f"--quant {plan.scheme.name!r} is not supported by the coreml backend; it supports "
             f"{', '.join(BACKEND.quant_schemes)}"
         )
+    compress.check_encodable(plan, BACKEND.quant_schemes)
     read_tokenizer_config(checkpoint.path)  # fails before the slow work if the tokenizer is missing
     max_context = min(max_context, model.config.max_position_embeddings)
     chunk = min(chunk, max_context)
@@ -116,8 +117,19 @@ def build_manifest(
         "compute_units": "ALL (Core ML places ops on the Neural Engine, GPU or CPU at load time)",
         "operations": operations,
         "export_seconds": round(lowered.seconds, 1),
+        **({"weight_compression": weight_compression(plan, lowered)} if plan.weights else {}),
         "parity": {**parity.to_manifest(), "runtime": "emulator" if not verify.runtime.use_core_ml() else "coreml"},
         "tools": tool_versions("coremltools"),
+    }
+
+
+def weight_compression(plan: QuantPlan, lowered: lower.Lowered) -> dict:
+    return {
+        "encoding": "constexpr_blockwise_shift_scale (iOS 18): the plan's integers (int4 packed two per byte, or "
+                    "int8), its scales in the compute dtype and its zero points (omitted when all zero), "
+                    "decompressed to float before the op that uses the weight",
+        "functions": {function: {name: ops[0] if len(ops) == 1 else ops for name, ops in sorted(encoded.items())}
+                      for function, encoded in lowered.encoded.items()},
     }
 
 

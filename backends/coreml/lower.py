@@ -33,9 +33,10 @@ from torch import nn
 from qwen_mobile.config import FULL_ATTENTION, LINEAR_ATTENTION, Qwen35Config
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.models.qwen3_5 import Qwen35, init_state, l2_normalize, rotate_half
+from qwen_mobile.quant.eager import dequantized
 from qwen_mobile.quant.plan import QuantPlan
 
-from . import composite
+from . import composite, compress
 
 DEFAULT_MAX_CONTEXT = 512
 DEFAULT_PREFILL_CHUNK = 32
@@ -204,6 +205,7 @@ class Lowered:
 
     seconds: float = 0.0
     operations: dict[str, dict[str, int]] = field(default_factory=dict)  # function -> op type -> count
+    encoded: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # function -> planned weight -> constexpr ops
 
 
 def split_kinds(compute_dtype: str, recurrent_dtype: str) -> frozenset[str]:
@@ -225,8 +227,12 @@ def trace(model: Qwen35, max_context: int, chunk: int | None, split: frozenset[s
         return torch.jit.trace(wrapper, example, check_trace=False)
 
 
-def convert_function(model: Qwen35, max_context: int, chunk: int | None, compute_dtype: str, split: frozenset[str]):
-    """One function (prefill when `chunk` is given, else decode) as an ML Program MLModel."""
+def convert_function(
+    model: Qwen35, max_context: int, chunk: int | None, compute_dtype: str, split: frozenset[str], plan: QuantPlan
+):
+    """One function (prefill when `chunk` is given, else decode) as an ML Program MLModel, with
+    the plan's weights encoded as constexpr_blockwise_shift_scale (compress.py), and what
+    was encoded: planned weight -> constexpr op names."""
     import coremltools as ct
 
     composite.register()
@@ -243,13 +249,14 @@ def convert_function(model: Qwen35, max_context: int, chunk: int | None, compute
         precision = ct.transform.FP16ComputePrecision(op_selector=lambda op: composite.GDR_TAG not in op.name)
     else:
         precision = ct.precision.FLOAT32
-    with quiet():
-        return ct.convert(
+    with quiet(), compress.pipeline_with(plan) as (pipeline, encoder):
+        mlmodel = ct.convert(
             traced, inputs=inputs, states=states,
             outputs=[ct.TensorType(name="logits", dtype=np.float32)],
             minimum_deployment_target=ct.target.iOS18, compute_precision=precision,
-            convert_to="mlprogram", skip_model_load=True,
+            convert_to="mlprogram", skip_model_load=True, pass_pipeline=pipeline,
         )
+    return mlmodel, ({} if encoder is None else encoder.encoded)
 
 
 def numpy_dtype(name: str):
@@ -280,10 +287,15 @@ def lower(model: Qwen35, plan: QuantPlan, out: Path, max_context: int, chunk: in
         raise QwenMobileError("the coreml export needs the model loaded in float32")
     compute_dtype = plan.scheme.compute_dtype
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="coreml-functions-") as scratch:
+    lowered = Lowered()
+    # the plan's dequantized weights in place of the float ones: the program's constants are
+    # then exactly the values the encoding pass replaces with the plan's integers
+    with tempfile.TemporaryDirectory(prefix="coreml-functions-") as scratch, dequantized(model, plan):
         descriptor = ct.utils.MultiFunctionDescriptor()
         for function, size in (("prefill", chunk), ("decode", None)):
-            mlmodel = convert_function(model, max_context, size, compute_dtype, split_kinds(compute_dtype, recurrent_dtype))
+            mlmodel, lowered.encoded[function] = convert_function(
+                model, max_context, size, compute_dtype, split_kinds(compute_dtype, recurrent_dtype), plan
+            )
             path = Path(scratch) / f"{function}.mlpackage"
             mlmodel.save(str(path))
             del mlmodel
@@ -291,4 +303,5 @@ def lower(model: Qwen35, plan: QuantPlan, out: Path, max_context: int, chunk: in
         descriptor.default_function_name = DEFAULT_FUNCTION
         with quiet():
             ct.utils.save_multifunction(descriptor, str(out))
-    return Lowered(seconds=time.perf_counter() - started)
+    lowered.seconds = time.perf_counter() - started
+    return lowered

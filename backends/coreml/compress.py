@@ -1,0 +1,191 @@
+"""A core quantization plan encoded into the Core ML program exactly as it is.
+
+The exporter converts the model with the plan's dequantized weights in place of the float
+ones (quant.eager.dequantized), so every planned weight reaches the MIL program as a
+constant equal, bit for bit, to (qdata - zero_point) * scale (in the program's compute
+dtype). A graph pass run at the end of the conversion pipeline then finds each such
+constant and replaces it with an iOS 18 `constexpr_blockwise_shift_scale` built from the
+plan's own integers (int8, or int4 packed two per byte), scales and zero points: nothing
+is re-rounded from float. A planned weight the pass cannot find is an error, never a
+silently float weight. Multifunction saving then shares the constexpr's inputs between
+prefill and decode like any other constant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+
+import numpy as np
+
+from qwen_mobile.errors import QwenMobileError
+from qwen_mobile.quant.plan import QuantizedWeight, QuantPlan
+
+PASS_NAMESPACE = "qwen_mobile"
+PASS_NAME = "encode_quant_plan"
+PASS_ID = f"{PASS_NAMESPACE}::{PASS_NAME}"
+ENCODABLE_BITS = (4, 8)  # constexpr_blockwise_shift_scale's integer types: int4, int8
+FLOAT_DTYPES = (np.float32, np.float16)
+
+
+def check_encodable(plan: QuantPlan, supported: tuple[str, ...]) -> None:
+    """What Core ML's constexpr_blockwise_shift_scale holds: int4 or int8 weights with one
+    scale (and zero point) per row and block of columns, applied before float compute."""
+    schemes = ", ".join(supported)
+    for name, weight in plan.weights.items():
+        if weight.bits not in ENCODABLE_BITS:
+            raise QwenMobileError(
+                f"{name}: {weight.bits}-bit weights cannot be encoded by the coreml backend (it encodes "
+                f"{' and '.join(f'int{b}' for b in ENCODABLE_BITS)} weights; schemes {schemes})"
+            )
+        if weight.activations is not None:
+            raise QwenMobileError(
+                f"{name}: activation quantization {weight.activations!r} cannot be encoded by the coreml backend "
+                f"(Core ML weight compression keeps activations float; schemes {schemes})"
+            )
+        rows, columns = weight.qdata.shape
+        if weight.scale.shape != (rows, columns // weight.group_size) or columns % weight.group_size:
+            raise QwenMobileError(f"{name}: scale shape {tuple(weight.scale.shape)} is not one per row and "
+                                  f"block of {weight.group_size} columns of a {rows}x{columns} weight")
+
+
+def data_dtype(bits: int):
+    from coremltools.converters.mil.mil import types
+
+    return types.np_int4_dtype if bits == 4 else np.dtype(np.int8)
+
+
+def encoding(weight: QuantizedWeight, float_dtype) -> dict[str, np.ndarray | None]:
+    """The constexpr's inputs: data (int4/int8), scale in the program's float dtype, offset
+    (the zero points, in data's type) or None when every zero point is 0."""
+    qdata = weight.qdata.numpy()
+    if qdata.min() < weight.qmin or qdata.max() > weight.qmax:
+        raise QwenMobileError(f"integers outside the int{weight.bits} range")
+    scale = weight.scale.numpy().astype(np.float32)
+    encoded_scale = scale.astype(float_dtype)
+    if not np.array_equal(encoded_scale.astype(np.float32), scale):
+        raise QwenMobileError(f"scales not exactly representable in {np.dtype(float_dtype).name}")
+    zero_point = weight.zero_point.numpy()
+    offset = None if not np.any(zero_point) else zero_point.astype(data_dtype(weight.bits))
+    return {"data": qdata.astype(data_dtype(weight.bits)), "scale": encoded_scale, "offset": offset}
+
+
+def weight_key(array: np.ndarray) -> tuple:
+    return array.shape, array.dtype.str, hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+class PlanIndex:
+    """The plan's dequantized weights by value, as the converter writes them in fp32 or fp16."""
+
+    def __init__(self, plan: QuantPlan):
+        self.plan = plan
+        self.by_key: dict[tuple, list[str]] = {}
+        for name, weight in plan.weights.items():
+            dequantized = weight.dequantize().numpy()
+            for dtype in FLOAT_DTYPES:
+                self.by_key.setdefault(weight_key(dequantized.astype(dtype)), []).append(name)
+
+    def names(self, value) -> list[str]:
+        if not isinstance(value, np.ndarray) or value.ndim != 2 or value.dtype.type not in FLOAT_DTYPES:
+            return []
+        return self.by_key.get(weight_key(value), [])
+
+
+def encode_pass(plan: QuantPlan):
+    """The graph pass (an AbstractGraphPass instance) that encodes `plan` into a program;
+    after it ran, its `encoded` maps each planned weight to the constexpr ops made for it."""
+    from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+    from coremltools.converters.mil.mil.passes.helper import block_context_manager
+
+    index = PlanIndex(plan)
+
+    class EncodeQuantPlan(AbstractGraphPass):
+        def __init__(self):
+            super().__init__()
+            self.encoded: dict[str, list[str]] = {name: [] for name in plan.weights}
+
+        def apply(self, prog):
+            for function in prog.functions.values():
+                self.encode_block(function)
+            missing = sorted(name for name, ops in self.encoded.items() if not ops)
+            if missing:
+                raise QwenMobileError(
+                    f"the converted Core ML program has no constant equal to the plan's weights {', '.join(missing)}; "
+                    "they cannot be encoded as the plan's integers"
+                )
+
+        @block_context_manager
+        def encode_block(self, block):
+            for op in list(block.operations):
+                for inner in op.blocks:
+                    self.encode_block(inner)
+                if op.op_type != "const":
+                    continue
+                names = index.names(op.outputs[0].val)
+                if not names:
+                    continue
+                name = names[0]  # several names: tied weights, the same plan entry
+                value = op.outputs[0].val
+                try:
+                    inputs = encoding(plan.weights[name], value.dtype.type)
+                except QwenMobileError as error:
+                    raise QwenMobileError(f"{name}: cannot be encoded for Core ML: {error}") from None
+                if inputs["offset"] is None:
+                    del inputs["offset"]
+                new = mb.constexpr_blockwise_shift_scale(**inputs, before_op=op, name=op.name + "_quantized")
+                block.replace_uses_of_var_after_op(
+                    anchor_op=op, old_var=op.outputs[0], new_var=new, no_check_var_types=True
+                )
+                block.remove_ops([op])
+                for tied in names:
+                    self.encoded[tied].append(new.op.name)
+
+    return EncodeQuantPlan()
+
+
+@contextlib.contextmanager
+def pipeline_with(plan: QuantPlan):
+    """A conversion pass pipeline (the default one) that ends with the plan's encoding pass,
+    and the pass itself, for what it encoded. Float plans get the default pipeline."""
+    import coremltools as ct
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+
+    pipeline = ct.PassPipeline.DEFAULT
+    if not plan.weights:
+        yield pipeline, None
+        return
+    graph_pass = encode_pass(plan)
+    PASS_REGISTRY.add(PASS_NAMESPACE, graph_pass, override=True, name=PASS_NAME)
+    try:
+        pipeline.append_pass(PASS_ID)
+        yield pipeline, graph_pass
+    finally:
+        PASS_REGISTRY.passes.pop(PASS_ID, None)
+
+
+def stored_encodings(package) -> dict[str, dict[str, dict]]:
+    """Function -> constexpr_blockwise_shift_scale op name -> its inputs as read back from the
+    saved package (an emulator.Package, values through coremltools' blob reader): `data`,
+    `scale`, `offset` (None when absent) as arrays, and `dtypes` / `offsets`, each input's
+    stored type name and weight-blob offset."""
+    from .emulator import DTYPE_NAMES, tensor_dtype
+
+    found = {}
+    for function_name, function in package.spec.mlProgram.functions.items():
+        block = function.block_specializations[function.opset]
+        found[function_name] = ops = {}
+        for op in block.operations:
+            if op.type != "constexpr_blockwise_shift_scale":
+                continue
+            entry = {"data": None, "scale": None, "offset": None, "dtypes": {}, "offsets": {}}
+            for key in ("data", "scale", "offset"):
+                if key not in op.inputs:
+                    continue
+                value = op.inputs[key].arguments[0].value
+                entry[key] = package.value(value, f"{op.outputs[0].name} input {key}")
+                entry["dtypes"][key] = DTYPE_NAMES.get(tensor_dtype(value.type))
+                if value.HasField("blobFileValue"):
+                    entry["offsets"][key] = value.blobFileValue.offset
+            ops[op.outputs[0].name] = entry
+    return found
