@@ -133,7 +133,12 @@ def encode_pass(plan: QuantPlan):
                     raise QwenMobileError(f"{name}: cannot be encoded for Core ML: {error}") from None
                 if inputs["offset"] is None:
                     del inputs["offset"]
-                new = mb.constexpr_blockwise_shift_scale(**inputs, before_op=op, name=op.name + "_quantized")
+                # named after the plan's weight, already a valid MIL identifier (the backend's name
+                # sanitizer leaves it as it is), so the manifest can name each weight's op
+                op_name = name.replace(".", "_") + "_quantized"
+                if self.encoded[name]:
+                    op_name += f"_{len(self.encoded[name])}"
+                new = mb.constexpr_blockwise_shift_scale(**inputs, before_op=op, name=op_name)
                 block.replace_uses_of_var_after_op(
                     anchor_op=op, old_var=op.outputs[0], new_var=new, no_check_var_types=True
                 )
