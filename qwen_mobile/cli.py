@@ -226,3 +226,43 @@ def fixture(
     except QwenMobileError as error:
         _fail(error)
     out.print(f"wrote {path}")
+
+
+@app.command()
+def bench(
+    bundle: Path = BundleArg,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON"),
+    runs: int = typer.Option(5, "--runs", min=1, help="Timed runs per figure (after one warm-up); medians are reported"),
+):
+    """Prefill and decode tokens/s, time to first token, peak memory and artifact size, through the
+    backend's CPU runtime (ExecuTorch, LiteRT). Core ML bundles are refused off macOS (the emulator is not a runtime)."""
+    from qwen_mobile.bench import bench_bundle
+
+    try:
+        with err.status(f"benchmarking {bundle}"), quiet_warnings():
+            result = bench_bundle(bundle, runs)
+    except QwenMobileError as error:
+        _fail(error)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    threads = result["threads"]
+    table = Table(title=f"{bundle}: {result['backend']} {result['quant']} "
+                  f"(median of {result['runs']} after a warm-up; {threads['cpu_cores']} cores, "
+                  f"torch {threads['torch']} / executorch {threads['executorch'] or '-'} threads, "
+                  f"{result['busy_cores']:.1f} cores busy)", show_header=False)
+
+    def rate(figure: dict) -> str:
+        return figure["skipped"] if "skipped" in figure else f"{figure['tokens_per_s']:.1f} tokens/s"
+
+    for length, figure in result["prefill"].items():
+        table.add_row(f"prefill {length} tokens", rate(figure))
+    for context, figure in result["decode"].items():
+        table.add_row(f"decode at context {context}", rate(figure))
+    table.add_row("time to first token (128-token prompt)",
+                  "n/a" if result["ttft_ms"] is None else f"{result['ttft_ms']:.0f} ms")
+    table.add_row("load", f"{result['load_s']:.2f} s")
+    table.add_row("peak resident memory", f"{result['peak_rss_bytes'] / 2**20:,.0f} MiB "
+                  f"({result['rss_before_load_bytes'] / 2**20:,.0f} MiB before loading)")
+    table.add_row(f"artifact ({result['artifact']})", f"{result['artifact_bytes'] / 2**20:,.1f} MiB")
+    out.print(table)

@@ -1,0 +1,295 @@
+"""`qwen-mobile bench`: prefill and decode speed of a bundle through its backend's CPU runtime.
+
+Every figure is the median of `runs` timed runs after one untimed warm-up run, on a
+runner loaded once through `open_runner` (the same path `qwen-mobile run` takes):
+
+- prefill L: the L-token prompt fed from position 0 in calls of at most `max_chunk`
+  tokens (a call at position 0 starts a new sequence), then the first token picked from
+  the last logits (argmax); tokens/s = L / median time.
+- time to first token: the median time of that 128-token prefill, on a loaded runner
+  (the load itself is `load_s`).
+- decode at context C: after a prefill that filled C positions, windows of
+  `decode_steps` one-token calls; the warm-up window and the timed windows follow each
+  other, so the steps lie at positions C .. C + (runs + 1) * decode_steps - 1.
+  tokens/s = decode_steps / median window time.
+
+Peak resident memory is the process's high-water mark (VmHWM), measured in the process
+that loaded the bundle, with the resident size before loading stated beside it. The
+ratio of CPU time to wall time over the timed runs says how many cores the runtime kept
+busy. A figure the bundle cannot serve (a context beyond its max_context) is reported
+as skipped, with the reason, instead of a number.
+
+The arithmetic of the memory-bandwidth bound lives here too (`decode_bytes`,
+`bound_tokens_per_s`, `measure_bandwidth`): a decode step cannot be faster than the
+bytes it must read over the machine's memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Callable
+
+from qwen_mobile.errors import QwenMobileError
+from qwen_mobile.registry import Runner
+
+PROMPT_LENGTHS = (128, 512)
+DECODE_CONTEXTS = (128, 1024)
+TTFT_PROMPT = 128
+DECODE_STEPS = 8
+DEFAULT_RUNS = 5
+COREML_REFUSAL = "the Core ML emulator is not a performance runtime"
+RUNTIME_PACKAGES = {"executorch": "executorch", "tflite": "ai-edge-litert", "coreml": "coremltools"}
+
+
+# ---------------------------------------------------------------- process measurements
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    """A field of /proc/self/status in bytes (VmRSS: now, VmHWM: the peak); getrusage where /proc is absent."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def path_bytes(path: Path) -> int:
+    """A file's size, or the total size of the files under a directory (a .mlpackage)."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def thread_counts() -> dict:
+    """The thread settings the runtimes run under (None: that runtime is not loaded or does not say)."""
+    import torch
+
+    counts = {"cpu_cores": os.cpu_count(), "torch": torch.get_num_threads(), "executorch": None}
+    if "executorch.runtime" in sys.modules:
+        try:
+            from executorch.extension.pybindings import portable_lib
+
+            counts["executorch"] = portable_lib._threadpool_get_thread_count()
+        except (ImportError, AttributeError):
+            pass
+    return counts
+
+
+def package_version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+# ---------------------------------------------------------------- timing
+
+class Timer:
+    """Wall and CPU time over the timed runs (warm-ups excluded)."""
+
+    def __init__(self):
+        self.wall = 0.0
+        self.cpu = 0.0
+
+    def time(self, function: Callable[[], object]) -> float:
+        cpu, start = cpu_seconds(), time.perf_counter()
+        function()
+        elapsed = time.perf_counter() - start
+        self.wall += elapsed
+        self.cpu += cpu_seconds() - cpu
+        return elapsed
+
+    def busy_cores(self) -> float | None:
+        return self.cpu / self.wall if self.wall else None
+
+
+def median_runs(function: Callable[[], object], runs: int, timer: Timer) -> list[float]:
+    """One untimed warm-up, then `runs` timed runs; their times in seconds."""
+    if runs < 1:
+        raise QwenMobileError(f"--runs must be at least 1, got {runs}")
+    function()
+    return [timer.time(function) for _ in range(runs)]
+
+
+def summary(seconds: list[float], tokens: int, **extra) -> dict:
+    median = statistics.median(seconds)
+    return {
+        "tokens_per_s": tokens / median,
+        "median_ms": median * 1e3,
+        "runs_ms": [s * 1e3 for s in seconds],
+        "runs": len(seconds),
+        **extra,
+    }
+
+
+def prompt_tokens(length: int, vocab_size: int) -> list[int]:
+    """A fixed, repeatable prompt of ids spread over the vocabulary (the speed does not depend on them)."""
+    return [(7919 * i + 11) % vocab_size for i in range(length)]
+
+
+def measure_runner(
+    runner: Runner,
+    vocab_size: int,
+    runs: int = DEFAULT_RUNS,
+    prompt_lengths: tuple[int, ...] = PROMPT_LENGTHS,
+    decode_contexts: tuple[int, ...] = DECODE_CONTEXTS,
+    decode_steps: int = DECODE_STEPS,
+) -> dict:
+    """Prefill, time to first token and decode figures of a loaded runner (see the module doc)."""
+    timer = Timer()
+    tokens = prompt_tokens(max((*prompt_lengths, *decode_contexts)) + (runs + 1) * decode_steps + 1, vocab_size)
+    position = 0  # the positions the runner's state holds
+
+    def feed(start: int, stop: int):
+        logits = None
+        for chunk_start in range(start, stop, runner.max_chunk):
+            chunk_stop = min(chunk_start + runner.max_chunk, stop)
+            logits = runner.step(tokens[chunk_start:chunk_stop], chunk_start)
+        return logits
+
+    def fits(last_position: int) -> str | None:
+        if last_position > runner.max_context:
+            return f"n/a (context {runner.max_context})"
+        return None
+
+    prefill, decode = {}, {}
+    ttft = None
+    # ordered so that each prefill leaves the state the next decode figure starts from
+    plan = sorted([("prefill", n) for n in prompt_lengths] + [("decode", c) for c in decode_contexts],
+                  key=lambda item: (item[1], item[0] == "decode"))
+    for kind, length in plan:
+        if kind == "prefill":
+            reason = fits(length)
+            if reason:
+                prefill[str(length)] = {"skipped": reason}
+                continue
+            seconds = median_runs(lambda: int(feed(0, length).argmax()), runs, timer)
+            prefill[str(length)] = summary(seconds, length, calls=-(-length // runner.max_chunk))
+            position = length
+            if length == TTFT_PROMPT:
+                ttft = prefill[str(length)]["median_ms"]
+        else:
+            last = length + (runs + 1) * decode_steps
+            reason = fits(last)
+            if reason:
+                decode[str(length)] = {"skipped": reason}
+                continue
+            if position > length:  # start over: a call at position 0 resets the state
+                position = 0
+            feed(position, length)
+            position = length
+
+            def window():
+                nonlocal position
+                for _ in range(decode_steps):
+                    runner.step(tokens[position : position + 1], position)
+                    position += 1
+
+            seconds = median_runs(window, runs, timer)
+            decode[str(length)] = summary(seconds, decode_steps, positions=[length, position - 1],
+                                          ms_per_token=statistics.median(seconds) * 1e3 / decode_steps)
+    return {
+        "runs": runs,
+        "warmup_runs": 1,
+        "decode_steps": decode_steps,
+        "max_chunk": runner.max_chunk,
+        "max_context": runner.max_context,
+        "prefill": prefill,
+        "ttft_ms": ttft,
+        "decode": decode,
+        "busy_cores": timer.busy_cores(),
+    }
+
+
+def refuse_emulator(manifest: dict) -> None:
+    """Core ML bundles are timed only through Core ML itself (macOS); the emulator measures nothing real."""
+    if manifest["backend"] == "coreml":
+        from qwen_mobile.backends.coreml.runtime import use_core_ml
+
+        if not use_core_ml():
+            raise QwenMobileError(f"{COREML_REFUSAL}; `qwen-mobile bench` times Core ML bundles on macOS only")
+
+
+def bench_bundle(bundle: Path, runs: int = DEFAULT_RUNS, **options) -> dict:
+    """Load a bundle through its backend's runtime and measure it; one dict, ready for JSON."""
+    from qwen_mobile.bundle import open_runner, read_manifest
+
+    if runs < 1:
+        raise QwenMobileError(f"--runs must be at least 1, got {runs}")
+    bundle = Path(bundle)
+    manifest, spec = read_manifest(bundle)
+    refuse_emulator(manifest)
+    rss_before = rss_bytes()
+    start = time.perf_counter()
+    runner, manifest = open_runner(bundle)
+    load_s = time.perf_counter() - start
+    figures = measure_runner(runner, manifest["vocab_size"], runs, **options)
+    runtime = RUNTIME_PACKAGES.get(manifest["backend"], manifest["backend"])
+    return {
+        "bundle": str(bundle),
+        "backend": manifest["backend"],
+        "quant": manifest["quant"].get("scheme") if isinstance(manifest["quant"], dict) else manifest["quant"],
+        "runtime": {"package": runtime, "version": package_version(runtime)},
+        "threads": thread_counts(),
+        "artifact": spec.artifact,
+        "artifact_bytes": path_bytes(bundle / spec.artifact),
+        "bundle_bytes": path_bytes(bundle),
+        "load_s": load_s,
+        **figures,
+        "rss_before_load_bytes": rss_before,
+        "peak_rss_bytes": rss_bytes("VmHWM"),
+    }
+
+
+# ---------------------------------------------------------------- the bandwidth bound
+
+def decode_bytes(weight_bytes: int, unread_weight_bytes: int, state_bytes: int, kv_bytes_per_token: int,
+                 context: int) -> int:
+    """Bytes one decode step at `context` must read: the weights as stored, less those it does not
+    touch (an embedding table stored apart from the lm_head: one row of it is read), the recurrent
+    and conv state, and the KV cache up to the context."""
+    return weight_bytes - unread_weight_bytes + state_bytes + kv_bytes_per_token * context
+
+
+def bound_tokens_per_s(bytes_per_token: int, bandwidth_bytes_per_s: float) -> float:
+    """The most decode steps per second the memory system allows."""
+    return bandwidth_bytes_per_s / bytes_per_token
+
+
+def measure_bandwidth(megabytes: int = 512, runs: int = 7) -> dict:
+    """Memory bandwidth on this machine with torch's threads: a read (sum over a float32 array
+    of `megabytes` MiB, far larger than any cache) and a copy (read + write counted), median of
+    `runs` after a warm-up. The read figure is the one a decode step is bound by."""
+    import torch
+
+    count = megabytes * 1024 * 1024 // 4
+    source = torch.ones(count, dtype=torch.float32)
+    target = torch.empty_like(source)
+    nbytes = source.numel() * 4
+    timer = Timer()
+    read = median_runs(lambda: float(source.sum()), runs, timer)
+    copy = median_runs(lambda: target.copy_(source), runs, timer)
+    del source, target
+    return {
+        "read_bytes_per_s": nbytes / statistics.median(read),
+        "copy_bytes_per_s": 2 * nbytes / statistics.median(copy),
+        "array_bytes": nbytes,
+        "runs": runs,
+        "threads": torch.get_num_threads(),
+        "method": f"torch.sum over a {megabytes} MiB float32 array (read) and Tensor.copy_ between two "
+                  f"(read + write), {torch.get_num_threads()} torch threads, median of {runs} after a warm-up",
+    }

@@ -1,0 +1,167 @@
+"""`qwen-mobile bench` and the benchmark script's arithmetic, on the embedded model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qwen_mobile import bench
+from qwen_mobile.cli import app
+from qwen_mobile.registry import Runner
+
+REPO = Path(__file__).resolve().parent.parent
+cli = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """The embedded model as an ExecuTorch fp32 bundle, exported once for this module."""
+    from qwen_mobile.export import export_bundle
+
+    return export_bundle(None, "executorch", "fp32", tmp_path_factory.mktemp("bench") / "tiny-executorch-fp32")
+
+
+def json_output(result) -> dict:
+    return json.loads(result.stdout[result.stdout.index("{"):])
+
+
+def test_bench_json_fields_exist_and_are_positive(tiny_bundle):
+    result = cli.invoke(app, ["bench", str(tiny_bundle), "--json", "--runs", "2"])
+    assert result.exit_code == 0, result.output
+    report = json_output(result)
+    for length in ("128", "512"):
+        figure = report["prefill"][length]
+        assert figure["tokens_per_s"] > 0 and figure["median_ms"] > 0
+        assert figure["runs"] == 2 and len(figure["runs_ms"]) == 2
+        assert figure["calls"] == -(-int(length) // 128)  # the bundle's max_seq_len
+    for context in ("128", "1024"):
+        figure = report["decode"][context]
+        assert figure["tokens_per_s"] > 0 and figure["ms_per_token"] > 0
+        assert figure["positions"][0] == int(context)
+        assert figure["positions"][1] == int(context) + 3 * report["decode_steps"] - 1  # warm-up + 2 windows
+    assert report["ttft_ms"] == report["prefill"]["128"]["median_ms"]
+    for field in ("load_s", "artifact_bytes", "bundle_bytes", "peak_rss_bytes", "rss_before_load_bytes", "busy_cores"):
+        assert report[field] > 0, field
+    assert report["peak_rss_bytes"] >= report["rss_before_load_bytes"]
+    assert report["artifact_bytes"] == (tiny_bundle / "model.pte").stat().st_size
+    assert report["threads"]["torch"] >= 1 and report["threads"]["executorch"] >= 1
+    assert report["backend"] == "executorch" and report["quant"] == "fp32"
+    assert report["runtime"] == {"package": "executorch", "version": bench.package_version("executorch")}
+
+
+def test_bench_table_states_runs_and_threads(tiny_bundle):
+    result = cli.invoke(app, ["bench", str(tiny_bundle), "--runs", "1"])
+    assert result.exit_code == 0, result.output
+    assert "median of 1 after a warm-up" in result.stdout and "threads" in result.stdout
+    assert "decode at context 1024" in result.stdout and "tokens/s" in result.stdout
+
+
+class CountingRunner:
+    """A runner whose steps take no time, recording every call it gets."""
+
+    def __init__(self, max_context: int, max_chunk: int):
+        self.calls: list[tuple[int, int]] = []
+        self.runner = Runner(self.step, max_context=max_context, max_chunk=max_chunk)
+
+    def step(self, tokens, start):
+        assert 1 <= len(tokens) <= self.runner.max_chunk and start + len(tokens) <= self.runner.max_context
+        self.calls.append((start, len(tokens)))
+        return torch.zeros(16)
+
+
+def test_medians_come_from_n_runs_after_one_warm_up(monkeypatch):
+    counting = CountingRunner(max_context=2048, max_chunk=32)
+    report = bench.measure_runner(counting.runner, vocab_size=16, runs=4, decode_steps=5)
+    for group in ("prefill", "decode"):
+        for figure in report[group].values():
+            assert figure["runs"] == 4 and len(figure["runs_ms"]) == 4
+            assert figure["median_ms"] == pytest.approx(statistics.median(figure["runs_ms"]))
+    # each prefill: one warm-up and 4 timed runs, each fed from position 0 in chunks of 32
+    assert sum(1 for start, n in counting.calls if start == 0 and n == 32) == 2 * 5
+    # decode at 128 starts where the 128-token prefill stopped: windows at 128.., 25 steps in all
+    decode_128 = [start for start, n in counting.calls if n == 1 and 128 <= start < 512]
+    assert decode_128 == list(range(128, 128 + 5 * 5))
+    assert report["decode"]["1024"]["positions"] == [1024, 1024 + 5 * 5 - 1]
+
+
+def test_figures_beyond_the_context_are_skipped_with_the_reason():
+    counting = CountingRunner(max_context=512, max_chunk=32)
+    report = bench.measure_runner(counting.runner, vocab_size=16, runs=2)
+    assert report["prefill"]["512"]["tokens_per_s"] > 0
+    assert report["decode"]["1024"] == {"skipped": "n/a (context 512)"}
+    assert max(start + n for start, n in counting.calls) <= 512
+
+
+def test_runs_below_one_are_refused():
+    with pytest.raises(Exception, match="--runs"):
+        bench.measure_runner(CountingRunner(256, 32).runner, vocab_size=16, runs=0)
+
+
+def test_coreml_bundle_is_refused_off_macos(tiny_bundle, tmp_path, monkeypatch):
+    """A bundle whose manifest names Core ML: refused before anything is loaded, one line, non-zero exit."""
+    monkeypatch.setenv("QWEN_MOBILE_COREML_EMULATOR", "1")  # the emulator, as on Linux, on any OS
+    bundle = tmp_path / "coreml-bundle"
+    bundle.mkdir()
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    manifest.update(backend="coreml", artifact="model.mlpackage")
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    (bundle / "model.mlpackage").mkdir()
+    result = cli.invoke(app, ["bench", str(bundle), "--json"])
+    assert result.exit_code != 0
+    assert bench.COREML_REFUSAL in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_bandwidth_bound_arithmetic_by_hand():
+    # 400 MiB of weights of which a 100 MiB embedding table is stored apart (one row read),
+    # 18 MiB of recurrent + conv state, 24 KiB of KV per token, at context 1,024 (24 MiB of KV)
+    mib = 2**20
+    nbytes = bench.decode_bytes(400 * mib, 100 * mib, 18 * mib, 24 * 1024, 1024)
+    assert nbytes == (400 - 100 + 18 + 24) * mib  # 342 MiB
+    # at 34.2 * 2**20 * 100 bytes/s the bound is exactly 10 steps per second
+    assert bench.bound_tokens_per_s(nbytes, 342 * mib * 10) == pytest.approx(10.0)
+    assert bench.decode_bytes(1000, 0, 0, 8, 0) == 1000
+
+
+def test_measure_bandwidth_reports_a_positive_rate_and_its_method():
+    result = bench.measure_bandwidth(megabytes=16, runs=2)
+    assert result["read_bytes_per_s"] > 0 and result["copy_bytes_per_s"] > 0
+    assert result["array_bytes"] == 16 * 2**20 and "median of 2" in result["method"]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("run_benchmarks", REPO / "benchmarks" / "run_benchmarks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_executorch_params_for_the_real_0_8b_shape(tmp_path):
+    """ExecuTorch's qwen3_5_0_8b parameters, written from the 0.8B config (its published values)."""
+    shutil.copyfile(REPO / "qwen_mobile" / "assets" / "shapes" / "0.8b.json", tmp_path / "config.json")
+    params = load_script().own_params(tmp_path)
+    assert {k: params[k] for k in ("dim", "hidden_dim", "n_heads", "head_dim", "n_kv_heads", "n_layers",
+                                   "vocab_size", "linear_num_key_heads", "linear_num_value_heads",
+                                   "linear_key_head_dim", "linear_value_head_dim")} == {
+        "dim": 1024, "hidden_dim": 3584, "n_heads": 8, "head_dim": 256, "n_kv_heads": 2, "n_layers": 24,
+        "vocab_size": 248320, "linear_num_key_heads": 16, "linear_num_value_heads": 16,
+        "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+    }
+    assert params["rope_theta"] == 10000000.0 and params["partial_rotary_factor"] == 0.25
+    assert params["layer_types"] == ["linear_attention"] * 3 + ["full_attention"] + (
+        ["linear_attention"] * 3 + ["full_attention"]) * 5
+    assert params["use_q_gate"] and params["rms_norm_add_unit_offset"] and params["use_qk_norm"]
+
+
+def test_time_v_output_is_parsed(tmp_path):
+    log = tmp_path / "time.txt"
+    log.write_text("\tElapsed (wall clock) time (h:mm:ss or m:ss): 12:03.50\n"
+                   "\tMaximum resident set size (kbytes): 7340032\n")
+    assert load_script().parse_time_v(log) == {"wall_s": 723.5, "peak_rss_bytes": 7340032 * 1024, "log": str(log)}
