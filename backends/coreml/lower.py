@@ -14,6 +14,10 @@ under fp32 compute) is a pair of fp16 states, hi + lo (see stored_states); a cal
 are zeroed there, as in the core model; KV slots beyond a query's position are masked).
 All shapes are static. KV writes are one-hot matmuls plus a select rather than a
 slice_update at a dynamic offset, so a prefill chunk never writes past the cache.
+
+With a quantized plan (int8, int4), each planned weight is stored as the plan's own
+integers, scales and zero points in a constexpr_blockwise_shift_scale op (compress.py);
+the program computes in the scheme's compute dtype on the decompressed weights.
 """
 
 from __future__ import annotations
