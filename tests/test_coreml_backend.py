@@ -206,8 +206,9 @@ def test_a_failing_gate_leaves_no_bundle(exported, tmp_path, monkeypatch):
 
 
 def test_schemes_it_cannot_encode_are_refused_by_name():
-    with pytest.raises(QwenMobileError, match="--quant 'int8' is not supported by the coreml backend; it supports fp32, fp16"):
-        export_bundle(None, "coreml", "int8", Path("unused"))
+    with pytest.raises(QwenMobileError,
+                       match="--quant '8da4w' is not supported by the coreml backend; it supports fp32, fp16, int8, int4"):
+        export_bundle(None, "coreml", "8da4w", Path("unused"))
 
 
 @pytest.mark.skipif(sys.platform != "darwin", reason="Core ML runs only on Apple systems")
