@@ -56,7 +56,7 @@ def export(
         artifact.write_bytes(flatbuffer)
         report = npu_report.build(artifact)
         npu_report.require_builtin_only(report, artifact)
-        parity = verify.require_parity(artifact, feeds, model, max_context, prefill_chunk, plan)
+        parity = verify.require_parity(artifact, feeds, model, max_context, prefill_chunk, plan, checkpoint.path)
         copy_tokenizer(checkpoint.path, staging)
         (staging / NPU_REPORT).write_text(json.dumps(report, indent=2) + "\n")
         manifest = build_manifest(checkpoint, plan, artifact, max_context, prefill_chunk, parity)

@@ -10,7 +10,7 @@ import torch
 from qwen_mobile.checkpoint import load
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.models.qwen3_5 import Qwen35
-from qwen_mobile.parity import Parity, Spans, check_parity
+from qwen_mobile.parity import Parity, Spans, check_parity, gate_length, held_out_tokens
 from qwen_mobile.quant.plan import QuantPlan, make_plan, scheme_from_manifest
 
 from . import runtime
@@ -23,15 +23,18 @@ def run_pass(model: runtime.TFLiteModel, tokens: torch.Tensor, spans: Spans) -> 
 
 
 def measure(
-    path: Path, feeds: dict[str, str], model: Qwen35, max_context: int, chunk: int, plan: QuantPlan | None = None
+    path: Path, feeds: dict[str, str], model: Qwen35, max_context: int, chunk: int, plan: QuantPlan, tokenizer_dir: Path
 ) -> dict[str, Parity]:
     """The gate per runtime configuration, in RUNTIMES order, stopping at the first that fails
     (the artifact is refused either way). One interpreter serves both passes of a
     configuration, so the second pass also proves that input_pos 0 starts a new sequence."""
     results = {}
+    tokens = held_out_tokens(tokenizer_dir, gate_length(max_context, chunk))
     for name, xnnpack in RUNTIMES.items():
         artifact = runtime.TFLiteModel(path, feeds, max_context, xnnpack=xnnpack)
-        results[name] = check_parity(lambda t, s: run_pass(artifact, t, s), model, max_context, chunk, plan)
+        results[name] = check_parity(
+            lambda t, s: run_pass(artifact, t, s), model, max_context, chunk, plan, tokens=tokens
+        )
         if not results[name].passed:
             break
     return results
@@ -48,8 +51,10 @@ def to_manifest(results: dict[str, Parity]) -> dict:
     }
 
 
-def require_parity(path: Path, feeds, model: Qwen35, max_context: int, chunk: int, plan: QuantPlan | None = None) -> dict:
-    results = measure(path, feeds, model, max_context, chunk, plan)
+def require_parity(
+    path: Path, feeds, model: Qwen35, max_context: int, chunk: int, plan: QuantPlan, tokenizer_dir: Path
+) -> dict:
+    results = measure(path, feeds, model, max_context, chunk, plan, tokenizer_dir)
     for name, parity in results.items():
         if not parity.passed:
             raise QwenMobileError(
@@ -71,6 +76,6 @@ def verify_bundle(bundle: Path, manifest: dict) -> dict:
     plan = make_plan(loaded.model, scheme_from_manifest(manifest["quant"]))
     results = measure(
         Path(bundle) / manifest["artifact"], manifest["state_feeds"], loaded.model, manifest["max_context"],
-        manifest["max_seq_len"], plan,
+        manifest["max_seq_len"], plan, Path(bundle),
     )
     return to_manifest(results)
