@@ -1,0 +1,627 @@
+"""Side-by-side speed of qwen-mobile's bundles, ExecuTorch's own Qwen3.5 export and the
+memory-bandwidth bound, on one machine in one run; writes benchmarks/RESULTS.md.
+
+    python benchmarks/run_benchmarks.py --work /tmp/qm-bench [--runs 3]
+
+Steps (each one reuses what an earlier, possibly interrupted, run left in --work):
+1. a Qwen3.5-0.8B-shaped random checkpoint (`qwen-mobile fixture --shape 0.8b`), or --checkpoint;
+2. our bundles: ExecuTorch fp32, 8da4w and int4 (refused by the backend: recorded as such),
+   TFLite int8 and int4 (exported with --tflite-context so that decode at 1,024 fits);
+   `--reuse NAME=DIR` takes an existing bundle instead of exporting;
+3. ExecuTorch's own documented path: `convert_weights` on the same checkpoint, then
+   `export_llm` with its `qwen3_5_xnnpack_fp32.yaml` and the qwen3_5_0_8b parameters
+   (written from the checkpoint's config.json: the params file is not in the executorch wheel);
+4. the machine's memory bandwidth (bench.measure_bandwidth);
+5. each artifact measured by `qwen-mobile bench --json` in its own process (so that peak
+   memory is its own), ExecuTorch's own .pte through the same runtime and the same code;
+6. the decode bound: the bytes a step reads over the bandwidth, and each artifact's fraction.
+
+Exports run one at a time (each is timed and its peak memory taken from wait4); the
+wall time and peak memory of every export are kept in WORK/exports.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+OWN = "executorch-own-fp32"
+OURS = {  # name -> (backend, quant)
+    "executorch-fp32": ("executorch", "fp32"),
+    "executorch-8da4w": ("executorch", "8da4w"),
+    "executorch-int4": ("executorch", "int4"),
+    "tflite-int8": ("tflite", "int8"),
+    "tflite-int4": ("tflite", "int4"),
+}
+ALL = (*OURS, OWN)
+
+
+# ---------------------------------------------------------------- child processes
+
+WAIT_FOR_QUIET = False
+
+
+def wait_for_quiet() -> None:
+    """With --wait-for-quiet: hold a heavy step until no other export runs on the machine
+    (two exports at 0.8B need more memory than a 24 GB machine has)."""
+    announced = False
+    while WAIT_FOR_QUIET and (busy := heavy_processes()):
+        if not announced:
+            print("waiting for other exports to finish:\n  " + "\n  ".join(busy), flush=True)
+            announced = True
+        time.sleep(20)
+
+
+def run_child(command: list[str], log: Path, timeout: float | None = None, heavy: bool = False,
+              cwd: Path = REPO) -> dict:
+    """Run a command to completion; its wall time, peak resident memory (wait4) and exit status."""
+    if heavy:
+        wait_for_quiet()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print("$ " + shlex.join(command), flush=True)
+    start = time.perf_counter()
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd)
+        deadline = None if timeout is None else start + timeout
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if deadline and time.perf_counter() > deadline:
+                process.kill()
+                pid, status, usage = os.wait4(process.pid, 0)
+                break
+            time.sleep(0.5)
+    wall = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    process.returncode = code
+    return {"command": shlex.join(command), "returncode": code, "wall_s": wall,
+            "peak_rss_bytes": usage.ru_maxrss * 1024, "log": str(log),
+            "timed_out": bool(timeout and wall >= timeout)}
+
+
+def last_error(log: Path) -> str:
+    """The error line of a failed child: an exception or `error:` line, not a warning that mentions errors."""
+    lines = [line.strip() for line in Path(log).read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^(error:|[\w.]*(Error|Exception)\b)", line)]
+    return (errors or lines or ["(no output)"])[-1][:300]
+
+
+def parse_time_v(path: Path) -> dict:
+    """GNU `time -v` output: wall time and peak memory of an export run outside this script."""
+    wall = peak = None
+    for line in Path(path).read_text(errors="replace").splitlines():
+        line = line.strip()
+        if line.startswith("Elapsed (wall clock) time"):
+            parts = [float(p) for p in line.rsplit(" ", 1)[1].split(":")]
+            wall = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+        elif line.startswith("Maximum resident set size"):
+            peak = int(line.rsplit(" ", 1)[1]) * 1024
+    return {"wall_s": wall, "peak_rss_bytes": peak, "log": str(path)}
+
+
+# ---------------------------------------------------------------- steps
+
+def heavy_processes() -> list[str]:
+    """Other exports running on this machine (they would distort timings and memory)."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = status.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(status.parent.name) != os.getpid() and ("qwen-mobile export" in text or "export_llm" in text
+                                                       or "qwen_mobile export" in text):
+            found.append(f"{status.parent.name}: {text.strip()[:120]}")
+    return found
+
+
+def ensure_checkpoint(args, work: Path) -> Path:
+    if args.checkpoint:
+        return Path(args.checkpoint)
+    path = work / "checkpoint"
+    if not (path / "config.json").is_file():
+        result = run_child([sys.executable, "-m", "qwen_mobile", "fixture", "--shape", args.shape, "--out", str(path)],
+                           work / "logs" / "fixture.log")
+        if result["returncode"]:
+            sys.exit(f"fixture failed: {last_error(work / 'logs' / 'fixture.log')}")
+    return path
+
+
+def export_ours(name: str, checkpoint: Path, work: Path, args, exports: dict) -> Path | None:
+    backend, quant = OURS[name]
+    out = work / name
+    if name in args.reuse:
+        out = Path(args.reuse[name])
+        if name in args.time_v:
+            exports[name] = {"status": "reused", **parse_time_v(args.time_v[name]),
+                             "command": f"qwen-mobile export {checkpoint} --backend {backend} --quant {quant}"}
+        else:
+            exports.setdefault(name, {"status": "reused", "note": "exported outside this script; time not recorded"})
+        return out if (out / "manifest.json").is_file() else None
+    if (out / "manifest.json").is_file():
+        return out
+    if args.skip_export:
+        exports.setdefault(name, {"status": "skipped", "message": "--skip-export"})
+        return None
+    log = work / "logs" / f"export-{name}.log"
+    if name in args.ungated:
+        return export_ungated(name, checkpoint, work, args, exports)
+    if backend == "tflite":  # the CLI keeps the exporter's default context (512); decode at 1,024 needs more
+        code = (
+            "import sys; from pathlib import Path; from qwen_mobile.checkpoint import load; "
+            "from qwen_mobile.quant.plan import make_plan, resolve_scheme; from qwen_mobile.registry import get_backend; "
+            f"spec, quant = get_backend('tflite', {quant!r}); loaded = load({str(checkpoint)!r}); "
+            "spec.load_exporter()(loaded, plan=make_plan(loaded.model, resolve_scheme(quant, None, False)), "
+            f"out=Path({str(out)!r}), max_context={args.tflite_context})"
+        )
+        command = [sys.executable, "-c", code]
+    else:
+        command = [sys.executable, "-m", "qwen_mobile", "export", str(checkpoint), "--backend", backend,
+                   "--quant", quant, "--out", str(out)]
+    result = run_child(command, log, args.export_timeout, heavy=True)
+    ok = result["returncode"] == 0 and (out / "manifest.json").is_file()
+    status = "ok" if ok else ("timed out" if result["timed_out"] else
+                              "refused" if result["returncode"] == 2 else "failed")
+    exports[name] = {"status": status, **result, **({} if ok else {"message": last_error(log)})}
+    return out if ok else None
+
+
+UNGATED = """
+import json, sys
+from pathlib import Path
+from qwen_mobile.checkpoint import load, stop_token_ids
+from qwen_mobile.quant.plan import make_plan, resolve_scheme
+from qwen_mobile.backends.executorch import bundle, lower
+checkpoint, quant, out = sys.argv[1:4]
+loaded = load(checkpoint)
+plan = make_plan(loaded.model, resolve_scheme(quant, None, False))
+model = loaded.model
+max_context, max_seq_len = lower.clamp_lengths(model, lower.DEFAULT_MAX_CONTEXT, lower.DEFAULT_MAX_SEQ_LEN)
+metadata = lower.runner_metadata(model, max_context, max_seq_len, bundle.bos_token_id(loaded.checkpoint.path),
+                                 list(stop_token_ids(loaded.checkpoint)))
+program = lower.lower(model, plan, max_context, max_seq_len, metadata)
+Path(out).mkdir(parents=True, exist_ok=True)
+(Path(out) / "model.pte").write_bytes(program.pte)
+(Path(out) / "quant.json").write_text(json.dumps(plan.to_manifest()))
+"""
+
+
+def export_ungated(name: str, checkpoint: Path, work: Path, args, exports: dict) -> Path | None:
+    """The ExecuTorch exporter's own lowering (same plan, same program) written without the parity
+    gate, for timing an artifact whose gate fails (the record says so); measured like ExecuTorch's own .pte."""
+    backend, quant = OURS[name]
+    out = work / f"{name}-ungated"
+    if (out / "model.pte").is_file():
+        return out / "model.pte"
+    log = work / "logs" / f"export-{name}-ungated.log"
+    result = run_child([sys.executable, "-c", UNGATED, str(checkpoint), quant, str(out)], log, args.export_timeout,
+                       heavy=True)
+    ok = result["returncode"] == 0 and (out / "model.pte").is_file()
+    exports[name] = {"status": "ungated" if ok else "failed", **result,
+                     "message": "lowered and written without the parity gate (lower + write only)" if ok
+                     else last_error(log)}
+    return out / "model.pte" if ok else None
+
+
+def own_params(checkpoint: Path) -> dict:
+    """ExecuTorch's Llama-family ModelArgs for this checkpoint, field by field from its config.json
+    (for the real 0.8B shape this reproduces executorch's examples/models/qwen3_5/config/0_8b_config.json)."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    text = config.get("text_config", config)
+    rope = text.get("rope_parameters") or {}
+    interval = text.get("full_attention_interval", 4)
+    layer_types = text.get("layer_types") or [
+        "full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(text["num_hidden_layers"])
+    ]
+    return {
+        "dim": text["hidden_size"], "hidden_dim": text["intermediate_size"],
+        "n_heads": text["num_attention_heads"], "head_dim": text["head_dim"],
+        "n_kv_heads": text["num_key_value_heads"], "n_layers": text["num_hidden_layers"],
+        "norm_eps": text["rms_norm_eps"], "rope_theta": rope.get("rope_theta", text.get("rope_theta")),
+        "use_scaled_rope": False, "vocab_size": text["vocab_size"], "use_hf_rope": True,
+        "partial_rotary_factor": rope.get("partial_rotary_factor", text.get("partial_rotary_factor")),
+        "attention_qkv_bias": text.get("attention_bias", False), "use_qk_norm": True, "qk_norm_before_rope": True,
+        "attention_type": "mha", "use_q_gate": text.get("attn_output_gate", True), "rms_norm_add_unit_offset": True,
+        "linear_conv_kernel_dim": text["linear_conv_kernel_dim"],
+        "linear_key_head_dim": text["linear_key_head_dim"], "linear_value_head_dim": text["linear_value_head_dim"],
+        "linear_num_key_heads": text["linear_num_key_heads"],
+        "linear_num_value_heads": text["linear_num_value_heads"], "layer_types": layer_types,
+    }
+
+
+def own_yaml() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("executorch.examples.models.qwen3_5")
+    return Path(spec.submodule_search_locations[0]) / "config" / "qwen3_5_xnnpack_fp32.yaml"
+
+
+def export_own(checkpoint: Path, work: Path, args, exports: dict) -> Path | None:
+    """ExecuTorch's own example export, as its README documents it, from the same checkpoint."""
+    out = work / OWN
+    pte = out / "qwen3_5_0_8b_fp32.pte"
+    if OWN in args.reuse:
+        return Path(args.reuse[OWN]) if Path(args.reuse[OWN]).is_file() else None
+    if pte.is_file():
+        return pte
+    if args.skip_export or args.skip_own:
+        exports.setdefault(OWN, {"status": "skipped", "message": "--skip-export / --skip-own"})
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    params = out / "0_8b_config.json"
+    params.write_text(json.dumps(own_params(checkpoint), indent=2) + "\n")
+    weights = out / "qwen3_5_0_8b.pth"
+    if not weights.is_file():
+        convert = run_child([sys.executable, "-m", "executorch.examples.models.qwen3_5.convert_weights",
+                             str(checkpoint), str(weights)], work / "logs" / "own-convert.log")
+        if convert["returncode"]:
+            exports[OWN] = {"status": "failed", **convert, "message": last_error(work / "logs" / "own-convert.log")}
+            return None
+        exports[OWN + " convert_weights"] = {"status": "ok", **convert}
+    log = work / "logs" / "own-export.log"
+    result = run_child([sys.executable, "-m", "executorch.extension.llm.export.export_llm", "--config", str(own_yaml()),
+                        "+base.model_class=qwen3_5_0_8b", f"+base.params={params}", f"+base.checkpoint={weights}",
+                        f"+export.output_dir={out}", f"+export.output_name={pte.name}"], log, args.export_timeout,
+                       heavy=True, cwd=out)  # export_llm writes output_name relative to its working directory
+    ok = result["returncode"] == 0 and pte.is_file()
+    exports[OWN] = {"status": "ok" if ok else "failed", **result, **({} if ok else {"message": last_error(log)})}
+    return pte if ok else None
+
+
+# ---------------------------------------------------------------- measuring
+
+def measure_pte(pte: Path, runs: int) -> dict:
+    """ExecuTorch's own .pte through the same runtime and the same measurement code as a bundle."""
+    import torch
+
+    from qwen_mobile import bench
+    from qwen_mobile.backends.executorch.runtime import load_forward, register_llama_kernels, step
+    from qwen_mobile.registry import Runner
+
+    register_llama_kernels()  # llama::custom_sdpa, update_cache and the DeltaNet kernels must be registered first
+    rss_before = bench.rss_bytes()
+    start = time.perf_counter()
+    method = load_forward(pte)
+    load_s = time.perf_counter() - start
+
+    def constant(name: str) -> int:
+        return int(method.program.load_method(name).execute([])[0])
+
+    meta = method.metadata
+    meta = meta() if callable(meta) else meta
+    # the tokens input's largest size: [1, 1] for ExecuTorch's static-shape export, the dynamic bound for ours
+    max_chunk = min(int(meta.input_tensor_meta(0).sizes()[-1]), constant("get_max_seq_len"))
+    runner = Runner(lambda tokens, position: step(method, torch.tensor([tokens]), position)[0],
+                    max_context=constant("get_max_context_len"), max_chunk=max_chunk)
+    vocab = constant("get_vocab_size")
+    figures = bench.measure_runner(runner, vocab, runs)
+    return {
+        "bundle": str(pte), "backend": "executorch",
+        "quant": json.loads((pte.parent / "quant.json").read_text())["scheme"] if (pte.parent / "quant.json").is_file()
+        else "fp32 (executorch example)",
+        "runtime": {"package": "executorch", "version": bench.package_version("executorch")},
+        "threads": bench.thread_counts(), "artifact": pte.name, "artifact_bytes": pte.stat().st_size,
+        "bundle_bytes": pte.stat().st_size, "load_s": load_s, **figures,
+        "rss_before_load_bytes": rss_before, "peak_rss_bytes": bench.rss_bytes("VmHWM"),
+    }
+
+
+def measure(name: str, path: Path, work: Path, runs: int) -> dict:
+    log = work / "logs" / f"bench-{name}.log"
+    if Path(path).is_file():  # a bare .pte: ExecuTorch's own, or one of ours written without the gate
+        command = [sys.executable, str(Path(__file__).resolve()), "--measure-pte", str(path), "--runs", str(runs)]
+    else:
+        command = [sys.executable, "-m", "qwen_mobile", "bench", str(path), "--json", "--runs", str(runs)]
+    outcome = run_child(command, log)
+    text = Path(log).read_text(errors="replace")
+    if outcome["returncode"]:
+        return {"error": last_error(log)}
+    return json.loads(text[text.index("{\n"):])
+
+
+# ---------------------------------------------------------------- the bound
+
+def weight_bytes_estimate(checkpoint: Path, quant: dict | None) -> tuple[int, int]:
+    """(bytes of all weights with the embedding table stored once, bytes of the embedding table),
+    as a bundle's quant plan stores them: `bits` per weight plus one 4-byte scale per group (or per
+    output channel); fp32 wherever the plan names no bits."""
+    import torch
+
+    from qwen_mobile.checkpoint import open_checkpoint
+    from qwen_mobile.models.qwen3_5 import Qwen35
+
+    config = open_checkpoint(str(checkpoint)).config
+    with torch.device("meta"):
+        model = Qwen35(config)
+    layers = (quant or {}).get("layers", {})
+    total, embedding = 0, 0
+    seen = set()
+    for name, parameter in model.named_parameters():
+        if id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        plan = layers.get(name)
+        if plan:
+            rows = parameter.shape[0]
+            groups = rows * (parameter.shape[1] // plan["group_size"] if plan["group_size"] else 1)
+            stored = parameter.numel() * plan["bits"] // 8 + groups * 4
+        else:
+            stored = parameter.numel() * 4
+        total += stored
+        if "embed_tokens" in name:
+            plan = layers.get(name) or {"bits": (quant or {}).get("embedding_bits") or 32, "group_size": 0}
+            rows, cols = parameter.shape
+            groups = rows * (cols // plan["group_size"] if plan["group_size"] else 1)
+            embedding = parameter.numel() * plan["bits"] // 8 + (groups * 4 if plan["bits"] < 32 else 0)
+    return total, embedding
+
+
+def decode_bounds(results: dict, checkpoint: Path, bandwidth: float) -> dict:
+    """Per artifact: bytes one decode step reads at each context, the bound, the measured fraction."""
+    from qwen_mobile.bench import bound_tokens_per_s, decode_bytes
+    from qwen_mobile.checkpoint import open_checkpoint
+    from qwen_mobile.info import describe
+
+    info = describe(open_checkpoint(str(checkpoint)))
+    state = info["recurrent_state_bytes_per_sequence"]
+    kv = info["kv_cache_bytes_per_token"]["fp32"]
+    bounds = {}
+    for name, result in results.items():
+        if "artifact_bytes" not in result:
+            continue
+        size = result["artifact_bytes"]
+        quant = None
+        where = Path(result["bundle"])
+        if where.is_dir():
+            quant = json.loads((where / "manifest.json").read_text())["quant"]
+        elif (where.parent / "quant.json").is_file():
+            quant = json.loads((where.parent / "quant.json").read_text())
+        shared, table = weight_bytes_estimate(checkpoint, quant)
+        # an artifact nearer to `shared + table` than to `shared` holds the embedding table apart from
+        # the lm_head; a decode step reads one row of it, not the table
+        separate = abs(size - (shared + table)) < abs(size - shared)
+        unread = table if separate else 0
+        entry = {"artifact_bytes": size, "estimated_weight_bytes": shared, "embedding_table_bytes": table,
+                 "embedding_stored_apart": separate, "state_bytes": state, "kv_bytes_per_token": kv, "contexts": {}}
+        for context, figure in result.get("decode", {}).items():
+            if "tokens_per_s" not in figure:
+                continue
+            position = (figure["positions"][0] + figure["positions"][1]) // 2
+            nbytes = decode_bytes(size, unread, state, kv, position)
+            bound = bound_tokens_per_s(nbytes, bandwidth)
+            entry["contexts"][context] = {"bytes_per_step": nbytes, "bound_tokens_per_s": bound,
+                                          "fraction": figure["tokens_per_s"] / bound}
+        bounds[name] = entry
+    return bounds
+
+
+# ---------------------------------------------------------------- the report
+
+def fmt_rate(figure: dict | None) -> str:
+    if not figure:
+        return "-"
+    return figure["skipped"] if "skipped" in figure else f"{figure['tokens_per_s']:.1f}"
+
+
+def mib(value) -> str:
+    return "-" if value is None else f"{value / 2**20:,.0f}"
+
+
+def write_report(path: Path, meta: dict, exports: dict, results: dict, bandwidth: dict, bounds: dict) -> str:
+    lines = [
+        f"# Benchmarks: {meta['model']}, one run on one machine",
+        "",
+        f"Produced by `{meta['command']}` on {meta['date']}.",
+        "",
+        f"- machine: {meta['machine']}",
+        f"- versions: {meta['versions']}",
+        f"- threads: {meta['threads']}",
+        f"- memory bandwidth: read {bandwidth['read_bytes_per_s'] / 1e9:.1f} GB/s, copy "
+        f"{bandwidth['copy_bytes_per_s'] / 1e9:.1f} GB/s ({bandwidth['method']})",
+        f"- method: every figure is the median of {meta['runs']} timed runs after one warm-up, each artifact "
+        "in its own process (`qwen-mobile bench --json`), all in this one run. Decode at context C: windows of "
+        f"{meta['decode_steps']} one-token calls at positions C onward after a prefill to C. Prefill: the prompt "
+        "in calls of the artifact's largest chunk, then the first token picked; time to first token is the "
+        "128-token prefill on a loaded model. The machine is shared with other work and noisy: compare ratios "
+        "within this table, not with other runs.",
+        "",
+        "| artifact | size MiB | prefill 128 tok/s | prefill 512 tok/s | decode @128 tok/s | decode @1024 tok/s "
+        "| TTFT ms | peak RSS MiB | load s | cores busy | decode bound @128 tok/s | fraction of bound @128 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    missing = []
+    for name in ALL:
+        result = results.get(name)
+        if result is None or "error" in result:
+            record = exports.get(name, {})
+            why = (result or {}).get("error") or record.get("message") or "not run"
+            missing.append(f"- {name}: {record.get('status', 'not measured')}: {why}")
+            lines.append(f"| {name} | " + " | ".join(["-"] * 11) + " |")
+            continue
+        bound = bounds.get(name, {}).get("contexts", {}).get("128")
+        lines.append(
+            f"| {name} | {mib(result['artifact_bytes'])} | {fmt_rate(result['prefill'].get('128'))} | "
+            f"{fmt_rate(result['prefill'].get('512'))} | {fmt_rate(result['decode'].get('128'))} | "
+            f"{fmt_rate(result['decode'].get('1024'))} | "
+            f"{'-' if result['ttft_ms'] is None else format(result['ttft_ms'], ',.0f')} | "
+            f"{mib(result['peak_rss_bytes'])} | {result['load_s']:.1f} | {result['busy_cores']:.2f} | "
+            f"{'-' if not bound else format(bound['bound_tokens_per_s'], '.1f')} | "
+            f"{'-' if not bound else format(bound['fraction'], '.0%')} |"
+        )
+    lines += [""] + missing
+    lines += ["", "## Exports", "", "| artifact | status | wall time | peak memory | note |", "| --- | --- | ---: | ---: | --- |"]
+    for name, record in exports.items():
+        wall, peak = record.get("wall_s"), record.get("peak_rss_bytes")
+        wall_text = "-" if wall is None else f"{wall / 60:.1f} min"
+        peak_text = "-" if peak is None else f"{peak / 2**30:.1f} GiB"
+        note = record.get("message") or record.get("note") or ""
+        lines.append(f"| {name} | {record.get('status')} | {wall_text} | {peak_text} | {note} |")
+    lines += ["", "## Targets (ratios within this run)", ""] + targets(results, exports, bounds)
+    lines += ["", "## Decode bound arithmetic", "",
+              "bytes per step = artifact bytes (weights as stored) - the embedding table when the artifact stores it "
+              "apart from the lm_head (a step reads one row of it) + recurrent and conv state (fp32) + KV (fp32) "
+              "up to the step's position; bound = read bandwidth / bytes per step.", "",
+              "| artifact | bytes/step @128 | embedding stored apart | bound @128 tok/s | bound @1024 tok/s |",
+              "| --- | ---: | --- | ---: | ---: |"]
+    for name, entry in bounds.items():
+        at = entry["contexts"]
+        lines.append(f"| {name} | {mib(at['128']['bytes_per_step']) + ' MiB' if '128' in at else '-'} | "
+                     f"{entry['embedding_stored_apart']} | "
+                     f"{format(at['128']['bound_tokens_per_s'], '.1f') if '128' in at else '-'} | "
+                     f"{format(at['1024']['bound_tokens_per_s'], '.1f') if '1024' in at else '-'} |")
+    lines += ["", "Raw figures (every run) are in `results.json` in the work directory.", ""]
+    text = "\n".join(lines)
+    path.write_text(text)
+    return text
+
+
+def rate(results: dict, name: str, figure: str, key: str) -> float | None:
+    entry = results.get(name, {}).get(figure, {}).get(key, {})
+    return entry.get("tokens_per_s")
+
+
+def targets(results: dict, exports: dict, bounds: dict) -> list[str]:
+    def verdict(value, goal):
+        return "n/a" if value is None else ("met" if value >= goal else "MISSED")
+
+    out = []
+    ours, own = rate(results, "executorch-8da4w", "decode", "128"), rate(results, OWN, "decode", "128")
+    ratio = ours / own if ours and own else None
+    out.append(f"- ExecuTorch 8da4w decode / ExecuTorch's own fp32 example decode (context 128) >= 3.5: "
+               f"{'-' if ratio is None else f'{ratio:.2f}x'} ({verdict(ratio, 3.5)})")
+    for name in ALL:
+        entry = bounds.get(name, {}).get("contexts", {}).get("128")
+        if entry:
+            out.append(f"- {name}: decode at 128 is {entry['fraction']:.0%} of its bound "
+                       f"({verdict(entry['fraction'], 0.6)} at >= 60%)")
+    for name in ALL:
+        prefill, decode = rate(results, name, "prefill", "512"), rate(results, name, "decode", "128")
+        if prefill and decode:
+            out.append(f"- {name}: prefill 512 / decode = {prefill / decode:.1f}x ({verdict(prefill / decode, 5)} at >= 5x)")
+    mine, theirs = exports.get("executorch-8da4w", {}), exports.get(OWN, {})
+    if mine.get("wall_s") and theirs.get("wall_s"):
+        out.append(f"- 0.8B 8da4w export vs ExecuTorch's fp32 example export: {mine['wall_s'] / 60:.1f} vs "
+                   f"{theirs['wall_s'] / 60:.1f} min, {mine['peak_rss_bytes'] / 2**30:.1f} vs "
+                   f"{theirs['peak_rss_bytes'] / 2**30:.1f} GiB "
+                   f"({'met' if mine['wall_s'] < theirs['wall_s'] and mine['peak_rss_bytes'] < theirs['peak_rss_bytes'] else 'MISSED'})")
+    else:
+        out.append("- export time and memory vs ExecuTorch's example export: n/a (one of them was not timed here)")
+    return out
+
+
+# ---------------------------------------------------------------- main
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        memory = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    except OSError:
+        memory = 0
+    return f"{model}, {os.cpu_count()} cores, {memory / 2**30:.0f} GiB RAM, {platform.platform()}"
+
+
+def pairs(values: list[str]) -> dict:
+    return dict(value.split("=", 1) for value in values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/qwen-mobile-bench"), help="Exports, logs, results")
+    parser.add_argument("--checkpoint", help="An existing checkpoint directory instead of a new fixture")
+    parser.add_argument("--shape", default="0.8b")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", help="Comma-separated artifact names to measure: " + ", ".join(ALL))
+    parser.add_argument("--reuse", action="append", default=[], metavar="NAME=DIR", help="An existing bundle (or .pte)")
+    parser.add_argument("--time-v", action="append", default=[], metavar="NAME=FILE",
+                        help="`time -v` output of a reused export: its wall time and peak memory")
+    parser.add_argument("--ungated", default="", help="Comma-separated ExecuTorch names to lower and write without "
+                        "the parity gate (for timing artifacts whose gate fails at this shape; reported as such)")
+    parser.add_argument("--skip-export", action="store_true", help="Measure only what already exists")
+    parser.add_argument("--skip-own", action="store_true", help="Do not run ExecuTorch's own export")
+    parser.add_argument("--tflite-context", type=int, default=1280)
+    parser.add_argument("--export-timeout", type=float, default=40 * 60)
+    parser.add_argument("--export-only", action="store_true", help="Stop after the exports (measure in a later run)")
+    parser.add_argument("--wait-for-quiet", action="store_true", help="Start each export only when no other runs")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--measure-pte", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure_pte:
+        import warnings
+
+        warnings.simplefilter("ignore")
+        print(json.dumps(measure_pte(args.measure_pte, args.runs), indent=2))
+        return
+    args.reuse, args.time_v = pairs(args.reuse), pairs(args.time_v)
+    args.ungated = [name for name in args.ungated.split(",") if name]
+    global WAIT_FOR_QUIET
+    WAIT_FOR_QUIET = args.wait_for_quiet
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    selected = args.only.split(",") if args.only else list(ALL)
+    busy = heavy_processes()
+    if busy:
+        print("warning: other exports are running; timings will be noisy:\n  " + "\n  ".join(busy), flush=True)
+    exports_path = work / "exports.json"
+    exports = json.loads(exports_path.read_text()) if exports_path.is_file() else {}
+    checkpoint = ensure_checkpoint(args, work)
+    artifacts = {}
+    for name in selected:
+        if name == OWN:
+            path = export_own(checkpoint, work, args, exports)
+        else:
+            path = export_ours(name, checkpoint, work, args, exports)
+        exports_path.write_text(json.dumps(exports, indent=2))
+        if path:
+            artifacts[name] = path
+
+    if args.export_only:
+        print(json.dumps(exports, indent=2))
+        return
+    from qwen_mobile.bench import measure_bandwidth
+
+    bandwidth = measure_bandwidth()
+    print(f"read bandwidth {bandwidth['read_bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
+    results = {name: measure(name, path, work, args.runs) for name, path in artifacts.items()}
+    bounds = decode_bounds(results, checkpoint, bandwidth["read_bytes_per_s"])
+    import torch
+
+    versions = {p: __import__("qwen_mobile.bench", fromlist=["x"]).package_version(p)
+                for p in ("torch", "executorch", "ai-edge-litert", "litert-torch", "qwen-mobile")}
+    first = next((r for r in results.values() if "threads" in r), {})
+    meta = {
+        "command": "python benchmarks/run_benchmarks.py " + shlex.join(sys.argv[1:]),
+        "model": f"{checkpoint} ({json.loads((checkpoint / 'config.json').read_text()).get('architectures', ['?'])[0]}, "
+                 f"{args.shape if not args.checkpoint else 'given checkpoint'})",
+        "date": datetime.datetime.now().isoformat(timespec="minutes"),
+        "machine": machine(),
+        "versions": ", ".join(f"{k} {v}" for k, v in versions.items()) + f", Python {platform.python_version()}",
+        "threads": f"torch {torch.get_num_threads()}, ExecuTorch threadpool "
+                   f"{first.get('threads', {}).get('executorch')}, LiteRT interpreter default (num_threads unset); "
+                   "'cores busy' is CPU time / wall time over the timed runs",
+        "runs": args.runs,
+        "decode_steps": next((r["decode_steps"] for r in results.values() if "decode_steps" in r), None),
+        "busy_at_start": busy,
+    }
+    (work / "results.json").write_text(json.dumps(
+        {"meta": meta, "bandwidth": bandwidth, "exports": exports, "results": results, "bounds": bounds}, indent=2))
+    print(write_report(args.results, meta, exports, results, bandwidth, bounds))
+
+
+if __name__ == "__main__":
+    main()
