@@ -100,6 +100,23 @@ def read_manifest(bundle: Path) -> tuple[dict, BackendSpec]:
     return manifest, specs[backend]
 
 
+def load_source(bundle: Path, manifest: dict):
+    """For a backend's verifier: the bundle's source checkpoint, loaded, and its quantization
+    plan rebuilt from the manifest (plans are deterministic), after checking that the source
+    still has the config the bundle was exported from."""
+    from qwen_mobile.checkpoint import load
+    from qwen_mobile.quant.plan import make_plan, scheme_from_manifest
+
+    source = manifest.get("source", {})
+    loaded = load(source.get("checkpoint"))
+    if loaded.checkpoint.config_hash != source.get("config_hash"):
+        raise QwenMobileError(
+            f"{Path(bundle) / MANIFEST}: source {source.get('checkpoint')!r} no longer has the config it was "
+            "exported from (config_hash differs)"
+        )
+    return loaded, make_plan(loaded.model, scheme_from_manifest(manifest["quant"]))
+
+
 def verify_bundle(bundle: Path) -> dict:
     """Re-run the parity gate on the artifact as written; the result says whether it passed."""
     manifest, spec = read_manifest(bundle)

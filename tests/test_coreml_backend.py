@@ -145,7 +145,9 @@ def test_a_corrupted_or_truncated_package_fails(exported, loaded, manifest, tmp_
 
     fp32 = make_plan(loaded.model, resolve_scheme("fp32"))
     try:
-        failed = not verify.measure(flipped, loaded.model, manifest["max_context"], manifest["max_seq_len"], fp32).passed
+        failed = not verify.measure(
+            flipped, loaded.model, manifest["max_context"], manifest["max_seq_len"], fp32, exported
+        ).passed
     except QwenMobileError:
         failed = True
     assert failed
@@ -219,4 +221,4 @@ def test_core_ml_itself_agrees_on_macos(exported, loaded, manifest):
     assert session.runtime == "coreml"
     fp32 = make_plan(loaded.model, resolve_scheme("fp32"))
     assert verify.measure(exported / "model.mlpackage", loaded.model, manifest["max_context"],
-                          manifest["max_seq_len"], fp32).passed
+                          manifest["max_seq_len"], fp32, exported).passed

@@ -60,7 +60,7 @@ def export(
     with staged_directory(out) as staging:
         package = staging / BACKEND.artifact
         lowered = lower.lower(model, plan, package, max_context, chunk, recurrent_dtype)
-        parity = verify.require_parity(package, model, max_context, chunk, plan)
+        parity = verify.require_parity(package, model, max_context, chunk, plan, checkpoint.path)
         operations = operation_counts(package)
         copy_tokenizer(checkpoint.path, staging)
         manifest = build_manifest(checkpoint, plan, max_context, chunk, recurrent_dtype, operations, lowered, parity)

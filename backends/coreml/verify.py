@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from qwen_mobile.checkpoint import load
+from qwen_mobile.bundle import load_source
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.models.qwen3_5 import Qwen35
-from qwen_mobile.parity import REDUCED_PRECISION_GATE, Parity, Spans, check_parity
-from qwen_mobile.quant.plan import QuantPlan, make_plan, scheme_from_manifest
+from qwen_mobile.parity import REDUCED_PRECISION_GATE, Parity, Spans, check_parity, gate_length, held_out_tokens
+from qwen_mobile.quant.plan import QuantPlan
 
 from . import runtime
 
@@ -29,31 +29,28 @@ def session_logits(session, tokens: torch.Tensor, spans: Spans, chunk: int) -> t
     return torch.stack([runtime.step(session, ids[start:end], start, chunk) for start, end in spans])
 
 
-def measure(package: Path, model: Qwen35, max_context: int, chunk: int, plan: QuantPlan) -> Parity:
+def measure(
+    package: Path, model: Qwen35, max_context: int, chunk: int, plan: QuantPlan, tokenizer_dir: Path
+) -> Parity:
     """One session for both of the gate's passes, so the second also proves that a call at
     input_pos 0 starts a new sequence on states that already hold one."""
     session = runtime.open_session(package)
-    return check_parity(lambda tokens, spans: session_logits(session, tokens, spans, chunk), model, max_context,
-                        chunk, plan, gate_for(plan))
+    tokens = held_out_tokens(tokenizer_dir, gate_length(max_context, chunk))
+    return check_parity(lambda ids, spans: session_logits(session, ids, spans, chunk), model, max_context,
+                        chunk, plan, gate_for(plan), tokens=tokens)
 
 
-def require_parity(package: Path, model: Qwen35, max_context: int, chunk: int, plan: QuantPlan) -> Parity:
-    parity = measure(package, model, max_context, chunk, plan)
+def require_parity(
+    package: Path, model: Qwen35, max_context: int, chunk: int, plan: QuantPlan, tokenizer_dir: Path
+) -> Parity:
+    parity = measure(package, model, max_context, chunk, plan, tokenizer_dir)
     if not parity.passed:
         raise QwenMobileError(f"{package.name}: the Core ML program disagrees with the eager model: {parity.summary()}")
     return parity
 
 
 def verify_bundle(bundle: Path, manifest: dict) -> dict:
-    """`qwen-mobile verify`: the gate again on the bundle's model.mlpackage against its source
-    checkpoint, with the plan rebuilt from the manifest (plans are deterministic)."""
-    source = manifest.get("source", {})
-    loaded = load(source.get("checkpoint"))
-    if loaded.checkpoint.config_hash != source.get("config_hash"):
-        raise QwenMobileError(
-            f"{bundle / 'manifest.json'}: source {source.get('checkpoint')!r} no longer has the config it was "
-            "exported from (config_hash differs)"
-        )
-    plan = make_plan(loaded.model, scheme_from_manifest(manifest["quant"]))
+    """`qwen-mobile verify`: the gate again on the bundle's model.mlpackage against its source checkpoint."""
+    loaded, plan = load_source(bundle, manifest)
     package = Path(bundle) / manifest["artifact"]
-    return measure(package, loaded.model, manifest["max_context"], manifest["max_seq_len"], plan).to_manifest()
+    return measure(package, loaded.model, manifest["max_context"], manifest["max_seq_len"], plan, Path(bundle)).to_manifest()

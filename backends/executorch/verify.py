@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from qwen_mobile.checkpoint import load
+from qwen_mobile.bundle import load_source
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.models.qwen3_5 import Qwen35
 from qwen_mobile.parity import Parity, Spans, check_parity, gate_length, held_out_tokens
-from qwen_mobile.quant.plan import QuantPlan, make_plan, scheme_from_manifest
+from qwen_mobile.quant.plan import QuantPlan
 
 from . import runtime
 
@@ -41,15 +41,7 @@ def require_parity(
 
 
 def verify_bundle(bundle: Path, manifest: dict) -> dict:
-    """`qwen-mobile verify`: the gate again, on the bundle's model.pte against its source
-    checkpoint, with the quantization plan rebuilt from the manifest (plans are deterministic)."""
-    source = manifest.get("source", {})
-    loaded = load(source.get("checkpoint"))
-    if loaded.checkpoint.config_hash != source.get("config_hash"):
-        raise QwenMobileError(
-            f"{bundle / 'manifest.json'}: source {source.get('checkpoint')!r} no longer has the config it was "
-            "exported from (config_hash differs)"
-        )
-    plan = make_plan(loaded.model, scheme_from_manifest(manifest["quant"]))
+    """`qwen-mobile verify`: the gate again, on the bundle's model.pte against its source checkpoint."""
+    loaded, plan = load_source(bundle, manifest)
     parity = measure(bundle / "model.pte", loaded.model, manifest["max_context"], manifest["max_seq_len"], plan, bundle)
     return parity.to_manifest()
