@@ -31,7 +31,7 @@ def loaded():
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
     """A bundle written by the real export path (embedded model, default scheme fp32)."""
-    return export_bundle(None, "coreml", None, tmp_path_factory.mktemp("coreml") / "bundle")
+    return export_bundle(None, "coreml", "fp32", tmp_path_factory.mktemp("coreml") / "bundle")
 
 
 @pytest.fixture(scope="module")
@@ -203,13 +203,13 @@ def test_a_failing_gate_leaves_no_bundle(exported, tmp_path, monkeypatch):
     reference = parity.reference_logits
     monkeypatch.setattr(parity, "reference_logits", lambda *args: reference(*args) + 1.0)
     with pytest.raises(QwenMobileError, match="disagrees with the eager model"):
-        export_bundle(None, "coreml", None, tmp_path / "bundle")
+        export_bundle(None, "coreml", "fp32", tmp_path / "bundle")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_schemes_it_cannot_encode_are_refused_by_name():
     with pytest.raises(QwenMobileError,
-                       match="--quant '8da4w' is not supported by the coreml backend; it supports fp32, fp16, int8, int4"):
+                       match="--quant '8da4w' is not supported by the coreml backend; it supports fp16, fp32, int8, int4"):
         export_bundle(None, "coreml", "8da4w", Path("unused"))
 
 

@@ -19,7 +19,7 @@ FP16, FP32 = 10, 11
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
-    return export_bundle(None, "coreml", "fp16", tmp_path_factory.mktemp("coreml16") / "bundle")
+    return export_bundle(None, "coreml", None, tmp_path_factory.mktemp("coreml16") / "bundle")  # fp16: the default
 
 
 @pytest.fixture(scope="module")

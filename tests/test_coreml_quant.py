@@ -131,7 +131,7 @@ def test_int8_is_encoded_per_channel_from_the_plan(loaded, tmp_path):
 
 
 def test_schemes_core_ml_cannot_encode_are_refused_by_name(loaded, tmp_path):
-    with pytest.raises(QwenMobileError, match=r"not supported by the coreml backend; it supports fp32, fp16, int8, int4"):
+    with pytest.raises(QwenMobileError, match=r"not supported by the coreml backend; it supports fp16, fp32, int8, int4"):
         export_bundle(None, "coreml", "8da4w", tmp_path / "bundle")
     assert not (tmp_path / "bundle").exists()
     plan = make_plan(loaded.model, resolve_scheme("int4"))
