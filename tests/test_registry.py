@@ -38,11 +38,11 @@ def fake_backend(tmp_path, monkeypatch):
 
         from qwen_mobile.registry import Runner
 
-        def export(loaded, quant, out):
+        def export(loaded, plan, out):
             out.mkdir()
-            (out / "model.fake").write_text(f"{loaded.checkpoint.source} {quant}")
+            (out / "model.fake").write_text(f"{loaded.checkpoint.source} {plan.scheme.name}")
             manifest = {
-                "format_version": 1, "backend": "fakert", "artifact": "model.fake", "quant": {"scheme": quant},
+                "format_version": 1, "backend": "fakert", "artifact": "model.fake", "quant": plan.to_manifest(),
                 "source": {"checkpoint": loaded.checkpoint.source, "config_hash": loaded.checkpoint.config_hash},
                 "vocab_size": 9, "max_context": 8, "special_tokens": {"eos": [0]}, "chat_template": None,
                 "methods": {"forward": {"inputs": [], "outputs": []}}, "state": {},
