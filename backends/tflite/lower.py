@@ -163,14 +163,7 @@ def _one_hot_attend(masks: _Masks):
         keep = (1.0 - write.sum(0))[:, None]  # [slots, 1]
         keys = keys * keep + write.transpose(0, 1) @ key.to(keys.dtype)
         values = values * keep + write.transpose(0, 1) @ value.to(values.dtype)
-
-        mask = torch.where(slots[None, :] <= positions[:, None], 0.0, float("-inf"))
-        groups = self.num_heads // self.num_kv_heads
-        keys_per_head = keys.repeat_interleave(groups, dim=1).to(query.dtype)
-        values_per_head = values.repeat_interleave(groups, dim=1).to(query.dtype)
-        scores = (query @ keys_per_head.transpose(-1, -2)) * self.head_dim**-0.5 + mask
-        weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
-        return weights @ values_per_head, (keys, values)
+        return self.attend_cache(query, keys, values, positions), (keys, values)
 
     return attend
 

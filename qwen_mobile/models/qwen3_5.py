@@ -129,8 +129,12 @@ class GatedAttention(nn.Module):
         keys, values = cache
         keys = keys.index_copy(2, positions, key.to(keys.dtype))
         values = values.index_copy(2, positions, value.to(values.dtype))
+        return self.attend_cache(query, keys, values, positions), (keys, values)
 
-        # Each query attends to cache slots up to its own position; later slots are stale or empty.
+    def attend_cache(self, query, keys, values, positions) -> torch.Tensor:
+        """Causal GQA of query [B, heads, T, D] over a cache [B, kv_heads, slots, D] that already
+        holds this call's keys and values: each query sees the slots up to its own position
+        (later slots are stale or empty)."""
         slots = torch.arange(keys.shape[2], device=query.device)
         mask = torch.where(slots[None, :] <= positions[:, None], 0.0, float("-inf"))
         groups = self.num_heads // self.num_kv_heads
@@ -138,7 +142,7 @@ class GatedAttention(nn.Module):
         values_per_head = values.repeat_interleave(groups, dim=1).to(query.dtype)
         scores = (query @ keys_per_head.transpose(-1, -2)) * self.head_dim**-0.5 + mask
         weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
-        return weights @ values_per_head, (keys, values)
+        return weights @ values_per_head
 
 
 class GatedDeltaNet(nn.Module):
