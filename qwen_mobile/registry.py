@@ -25,6 +25,14 @@ class BackendSpec:
     verifier: str  # (bundle Path, manifest dict) -> parity dict with "passed", on the artifact as written
     runner: str  # (bundle Path, manifest dict) -> Runner, through the backend's runtime on this CPU
 
+    def require_scheme(self, quant: str) -> None:
+        """A --quant this backend does not encode is a one-line error naming what it does."""
+        if quant not in self.quant_schemes:
+            raise QwenMobileError(
+                f"--quant {quant!r} is not supported by the {self.name} backend; "
+                f"it supports {', '.join(self.quant_schemes)}"
+            )
+
     def load_exporter(self) -> Callable:
         return _entry_point(self.exporter)
 
@@ -74,8 +82,5 @@ def get_backend(name: str, quant: str | None) -> tuple[BackendSpec, str]:
         raise QwenMobileError(f"--backend {name!r} is unknown; {describe_available(specs)}")
     spec = specs[name]
     quant = quant or spec.quant_schemes[0]
-    if quant not in spec.quant_schemes:
-        raise QwenMobileError(
-            f"--quant {quant!r} is not supported by the {name} backend; it supports {', '.join(spec.quant_schemes)}"
-        )
+    spec.require_scheme(quant)
     return spec, quant

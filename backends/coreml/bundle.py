@@ -14,7 +14,6 @@ from pathlib import Path
 from qwen_mobile.bundle import copy_tokenizer, manifest_head, read_tokenizer_config, tool_versions, write_manifest
 from qwen_mobile.checkpoint import Checkpoint, LoadedModel, stop_token_ids
 from qwen_mobile.config import Qwen35Config
-from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.parity import Parity
 from qwen_mobile.quant.plan import QuantPlan
 from qwen_mobile.staging import staged_directory
@@ -45,11 +44,7 @@ def export(
     chunk: int = lower.DEFAULT_PREFILL_CHUNK,
 ) -> Path:
     checkpoint, model = loaded.checkpoint, loaded.model
-    if plan.scheme.name not in BACKEND.quant_schemes:
-        raise QwenMobileError(
-            f"--quant {plan.scheme.name!r} is not supported by the coreml backend; it supports "
-            f"{', '.join(BACKEND.quant_schemes)}"
-        )
+    BACKEND.require_scheme(plan.scheme.name)  # the registry checked --quant; this guards library callers
     compress.check_encodable(plan, BACKEND.quant_schemes)
     read_tokenizer_config(checkpoint.path)  # fails before the slow work if the tokenizer is missing
     max_context = min(max_context, model.config.max_position_embeddings)

@@ -36,11 +36,7 @@ def export(
     prefill_chunk: int = lower.DEFAULT_PREFILL_CHUNK,
 ) -> Path:
     checkpoint, model = loaded.checkpoint, loaded.model
-    if plan.scheme.name not in BACKEND.quant_schemes:
-        raise QwenMobileError(
-            f"--quant {plan.scheme.name!r} is not supported by the tflite backend; it supports "
-            f"{', '.join(BACKEND.quant_schemes)}"
-        )
+    BACKEND.require_scheme(plan.scheme.name)  # the registry checked --quant; this guards library callers
     if next(model.parameters()).dtype != torch.float32:
         raise QwenMobileError("the tflite export needs the model loaded in float32")
     read_tokenizer_config(checkpoint.path)  # fails before the slow work if the tokenizer is missing
