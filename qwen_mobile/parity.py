@@ -111,12 +111,6 @@ def feeding_plan(max_context: int, max_seq_len: int) -> tuple[Spans, Spans]:
     return [s for s in prefill if s[1] <= max_context], [s for s in decode if s[1] <= max_context]
 
 
-def gate_length(max_context: int, max_seq_len: int) -> int:
-    """How many tokens the gate feeds."""
-    prefill, decode = feeding_plan(max_context, max_seq_len)
-    return (prefill + decode)[-1][1]
-
-
 def sample_tokens(vocab_size: int, length: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (1, length), generator=torch.Generator().manual_seed(SEED))
 
@@ -151,6 +145,8 @@ def held_out_tokens(tokenizer_dir: Path, length: int) -> torch.Tensor:
     from qwen_mobile.generate import load_tokenizer
 
     ids = load_tokenizer(tokenizer_dir).encode(split_corpus(load_corpus())[1][: length * 16], add_special_tokens=False)
+    if len(ids) < length:
+        raise ValueError(f"the gate feeds {length} tokens; the held-out text gave {len(ids)}")
     return torch.tensor([ids[:length]])
 
 
@@ -165,20 +161,19 @@ def check_parity(
     max_seq_len: int,
     plan: QuantPlan | None = None,
     gate: Gate | None = None,
-    tokens: torch.Tensor | None = None,
+    tokenizer_dir: Path | None = None,
 ) -> Parity:
     """Measure the artifact against the reference its plan calls for (see the module doc),
-    feeding `tokens` [1, N] (held_out_tokens, when the checkpoint has a tokenizer) or,
-    by default, seeded random ids. Raises only what run_pass raises when the artifact
-    cannot load or run."""
+    feeding the held-out text under the tokenizer in `tokenizer_dir` (the checkpoint's, or
+    the bundle's copy of it) or, without one, seeded random ids. Raises only what run_pass
+    raises when the artifact cannot load or run."""
     prefill, decode = feeding_plan(max_context, max_seq_len)
     spans = prefill + decode
-    needed = gate_length(max_context, max_seq_len)
-    if tokens is None:
+    needed = spans[-1][1]
+    if tokenizer_dir is None:
         tokens = sample_tokens(model.config.vocab_size, needed)
-    elif tokens.shape[1] < needed:
-        raise ValueError(f"the gate feeds {needed} tokens; {tokens.shape[1]} given")
-    tokens = tokens[:, :needed]
+    else:
+        tokens = held_out_tokens(tokenizer_dir, needed)
     float_reference = reference_logits(model, tokens, spans, max_context)
     quantized = plan is not None and bool(plan.weights)
     if quantized:

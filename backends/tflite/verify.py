@@ -10,7 +10,7 @@ import torch
 from qwen_mobile.bundle import load_source
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.models.qwen3_5 import Qwen35
-from qwen_mobile.parity import Parity, Spans, check_parity, gate_length, held_out_tokens
+from qwen_mobile.parity import Parity, Spans, check_parity
 from qwen_mobile.quant.plan import QuantPlan
 
 from . import runtime
@@ -29,11 +29,10 @@ def measure(
     (the artifact is refused either way). One interpreter serves both passes of a
     configuration, so the second pass also proves that input_pos 0 starts a new sequence."""
     results = {}
-    tokens = held_out_tokens(tokenizer_dir, gate_length(max_context, chunk))
     for name, xnnpack in RUNTIMES.items():
         artifact = runtime.TFLiteModel(path, feeds, max_context, xnnpack=xnnpack)
         results[name] = check_parity(
-            lambda t, s: run_pass(artifact, t, s), model, max_context, chunk, plan, tokens=tokens
+            lambda t, s: run_pass(artifact, t, s), model, max_context, chunk, plan, tokenizer_dir=tokenizer_dir
         )
         if not results[name].passed:
             break
