@@ -17,7 +17,7 @@ from torch import nn
 
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.quant.eager import INT8_ASYMMETRIC_PER_TOKEN
-from qwen_mobile.quant.plan import QuantizedWeight, QuantPlan, planned_modules
+from qwen_mobile.quant.plan import QuantizedWeight, QuantPlan, replaced_weights
 
 # What XNNPACK's quantized linears and ExecuTorch's quantized embeddings take.
 ENCODABLE_BITS = {4, 8}
@@ -64,12 +64,5 @@ def planned_weights(model: nn.Module, plan: QuantPlan):
     """Inside the block the model's planned weights are the plan's torchao tensors; the
     float weights come back afterwards (the gate's reference needs them)."""
     check_encodable(plan)
-    modules = planned_modules(model)
-    originals = {name: modules[name].weight for name in plan.weights}
-    try:
-        for name, weight in plan.weights.items():
-            modules[name].weight = nn.Parameter(torchao_weight(weight), requires_grad=False)
+    with replaced_weights(model, {name: torchao_weight(weight) for name, weight in plan.weights.items()}):
         yield model
-    finally:
-        for name, weight in originals.items():
-            modules[name].weight = weight

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .plan import QuantPlan, planned_modules
+from .plan import QuantPlan, planned_modules, replaced_weights
 
 INT8_ASYMMETRIC_PER_TOKEN = "int8_asymmetric_per_token"
 
@@ -43,20 +43,21 @@ def _linear_on_quantized_tokens(self: nn.Linear, x: torch.Tensor) -> torch.Tenso
 @contextlib.contextmanager
 def dequantized(model: nn.Module, plan: QuantPlan):
     """Inside the block, `model` computes with the plan's dequantized weights and fake-quantized
-    activations; its float weights come back afterwards. Swapped in place rather than copied,
-    so a 0.8B model is not held twice."""
+    activations; its float weights come back afterwards (see replaced_weights)."""
+    for name, weight in plan.weights.items():
+        if weight.activations not in (None, INT8_ASYMMETRIC_PER_TOKEN):
+            raise ValueError(f"{name}: unknown activation quantization {weight.activations!r}")
     modules = planned_modules(model)
-    originals = {name: modules[name].weight for name in plan.weights}
-    try:
-        for name, weight in plan.weights.items():
-            module = modules[name]
-            module.weight = nn.Parameter(weight.dequantize(), requires_grad=False)
-            if weight.activations is not None:
-                if weight.activations != INT8_ASYMMETRIC_PER_TOKEN:
-                    raise ValueError(f"{name}: unknown activation quantization {weight.activations!r}")
+    on_quantized_tokens = [modules[name] for name, weight in plan.weights.items() if weight.activations]
+    by_integers = {}  # a tied lm_head shares the embedding's integers: dequantize them once
+    for weight in plan.weights.values():
+        if id(weight.qdata) not in by_integers:
+            by_integers[id(weight.qdata)] = weight.dequantize()
+    with replaced_weights(model, {name: by_integers[id(w.qdata)] for name, w in plan.weights.items()}):
+        try:
+            for module in on_quantized_tokens:
                 module.forward = types.MethodType(_linear_on_quantized_tokens, module)
-        yield model
-    finally:
-        for name, weight in originals.items():
-            modules[name].weight = weight
-            modules[name].__dict__.pop("forward", None)
+            yield model
+        finally:
+            for module in on_quantized_tokens:
+                del module.forward

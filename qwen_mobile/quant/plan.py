@@ -12,6 +12,7 @@ dt_bias, and the two projections listed in FLOAT_LINEARS.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,6 +194,22 @@ def planned_modules(model: nn.Module) -> dict[str, nn.Module]:
         if isinstance(module, nn.Embedding) or isinstance(module, nn.Linear):
             modules[f"{name}.weight"] = module
     return modules
+
+
+@contextlib.contextmanager
+def replaced_weights(model: nn.Module, weights: dict[str, torch.Tensor]):
+    """Inside the block each named weight (a planned_modules name) is the given tensor; the
+    model's own weights come back afterwards. Swapped in place rather than copied, so a
+    0.8B model is not held twice."""
+    modules = planned_modules(model)
+    originals = {name: modules[name].weight for name in weights}
+    try:
+        for name, tensor in weights.items():
+            modules[name].weight = nn.Parameter(tensor, requires_grad=False)
+        yield model
+    finally:
+        for name, weight in originals.items():
+            modules[name].weight = weight
 
 
 def make_plan(model: nn.Module, scheme: QuantScheme) -> QuantPlan:
