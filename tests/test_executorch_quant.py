@@ -1,4 +1,5 @@
-"""ExecuTorch 8da4w: the core's plan reaches the .pte unchanged, and the runtime matches the plan in eager."""
+"""ExecuTorch 8da4w and weight-only int8: the core's plan reaches the .pte unchanged, and the runtime
+matches the plan in eager."""
 
 import json
 from pathlib import Path
@@ -95,6 +96,56 @@ def test_run_generates_text_through_the_quantized_program(exported):
     result = CliRunner().invoke(app, ["run", str(exported), "-p", "ROMEO:\n", "-n", "16"])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def exported_int8(tmp_path_factory) -> Path:
+    return export_bundle(None, "executorch", "int8", tmp_path_factory.mktemp("export") / "bundle")
+
+
+def test_weight_only_int8_holds_the_plans_integers_and_float_scales(exported_int8):
+    manifest = json.loads((exported_int8 / "manifest.json").read_text())
+    assert (manifest["quant"]["scheme"], manifest["quant"]["bits"], manifest["quant"]["group_size"]) == ("int8", 8, 0)
+    assert manifest["quant"]["activations"] is None
+    plan = make_plan(load(None).model, scheme_from_manifest(manifest["quant"]))
+    data = (exported_int8 / "model.pte").read_bytes()
+    for name, weight in plan.weights.items():  # XNNPACK's channelwise int8 filter and embedding_byte keep rows as they are
+        assert weight.qdata.numpy().tobytes() in data, name
+        assert weight.scale.reshape(-1).numpy().tobytes() in data, name
+    moved = plan.weights["layers.0.mlp.down_proj.weight"].qdata.clone()
+    moved[0, 0] = moved[0, 0] + 1 if moved[0, 0] < 127 else moved[0, 0] - 1
+    assert moved.numpy().tobytes() not in data
+
+
+def test_weight_only_int8_passes_the_gate_and_reports_against_float(exported_int8):
+    gate = json.loads((exported_int8 / "manifest.json").read_text())["parity"]
+    assert gate["passed"] and gate["reference"] == "eager model with the same quantization plan"
+    assert gate["relative_diff"] <= gate["max_relative_diff"] == 2e-2 and gate["top1_agreement"] >= 0.99
+    assert 0 < gate["versus_float"]["mean_kl"] < 0.5
+    assert (exported_int8 / "model.pte").stat().st_size < sum(p.numel() for p in load(None).model.parameters()) * 4 / 3
+
+
+def test_a_weight_only_int8_linear_is_delegated_and_exact():
+    """The partitioner claims dequantize(int8 weight) -> linear with a float input; the stock
+    one sends it to a decomposed mm that drops the per-channel scales."""
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    from qwen_mobile.backends.executorch.partition import xnnpack_partitioner
+    from qwen_mobile.backends.executorch.quantize import planned_weights
+
+    torch.manual_seed(0)
+    holder = torch.nn.ModuleDict({"proj": torch.nn.Linear(256, 96, bias=False)})
+    plan = make_plan(holder, resolve_scheme("int8"))
+    x = torch.randn(3, 256)
+    expected = x @ plan.weights["proj.weight"].dequantize().T
+    with planned_weights(holder, plan):
+        program = torch.export.export(holder["proj"], (x,))
+    edge = to_edge_transform_and_lower(program, partitioner=[xnnpack_partitioner()])
+    leftover = {n.target.__name__ for n in edge.exported_program().graph.nodes if n.op == "call_function"}
+    assert not any("dequantize" in name or "mm" in name for name in leftover), leftover
+    method = Runtime.get().load_program(edge.to_executorch().buffer).load_method("forward")
+    assert torch.allclose(method.execute([x])[0], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_group_size_flag_reaches_the_plan():

@@ -22,6 +22,7 @@ from qwen_mobile.models.qwen3_5 import GatedAttention, Qwen35, init_state
 
 from qwen_mobile.quant.plan import QuantPlan
 
+from .partition import xnnpack_partitioner
 from .quantize import planned_weights
 from .runtime import register_llama_kernels
 
@@ -172,10 +173,9 @@ def lower_to_edge(program: torch.export.ExportedProgram, constant_methods: dict)
     """XNNPACK takes what it can (linears, matmuls, elementwise); the rest, including
     llama::gated_delta_rule and the cache updates, runs on ExecuTorch's portable and
     custom kernels."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=constant_methods)
+    return to_edge_transform_and_lower(program, partitioner=[xnnpack_partitioner()], constant_methods=constant_methods)
 
 
 def to_executorch(edge):

@@ -4,8 +4,9 @@ Each planned weight becomes torchao's IntxUnpackedToInt8Tensor built from the pl
 own integers, scales and zero points (never from float), so the program holds exactly
 the plan. torch.export turns it into dequantize_affine (+ per-token activation
 quantization for 8da4w) in front of each linear, which the XNNPACK partitioner fuses
-into its int8/int4 kernels, and in front of the embedding lookup, which ExecuTorch's
-quant fusion turns into quantized_decomposed::embedding_{byte,4bit}.
+into its int8/int4 kernels (weight-only int8 through partition.py's rule), and in front
+of the embedding lookup, which ExecuTorch's quant fusion turns into
+quantized_decomposed::embedding_{byte,4bit}.
 """
 
 from __future__ import annotations
@@ -36,7 +37,16 @@ def check_encodable(plan: QuantPlan) -> None:
                 f"{name}: activation quantization {weight.activations!r} cannot be encoded by the executorch "
                 f"backend (it encodes float activations or {INT8_ASYMMETRIC_PER_TOKEN})"
             )
-        if name != "embed_tokens.weight" and torch.any(weight.zero_point != 0):
+        if name == "embed_tokens.weight":
+            continue  # quantized_decomposed::embedding_{byte,4bit} take any of these
+        per_channel = weight.group_size == weight.qdata.shape[1]
+        if weight.activations is None and (weight.bits != 8 or not per_channel):
+            raise QwenMobileError(
+                f"{name}: XNNPACK has no kernel for float activations with {weight.bits}-bit "
+                f"{'per-channel' if per_channel else 'group-wise'} weights; the executorch backend encodes "
+                "weight-only int8 per channel, or int4 groups with int8 dynamic activations (8da4w)"
+            )
+        if torch.any(weight.zero_point != 0):
             raise QwenMobileError(
                 f"{name}: XNNPACK's quantized linears take symmetric weights only; this plan has nonzero zero points"
             )
