@@ -7,6 +7,7 @@ import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from qwen_mobile import progress
 from qwen_mobile.checkpoint import Checkpoint
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.quant.plan import QuantPlan
@@ -108,13 +109,15 @@ def load_source(bundle: Path, manifest: dict):
     from qwen_mobile.quant.plan import make_plan, scheme_from_manifest
 
     source = manifest.get("source", {})
-    loaded = load(source.get("checkpoint"))
+    with progress.step("loading the source checkpoint"):
+        loaded = load(source.get("checkpoint"))
     if loaded.checkpoint.config_hash != source.get("config_hash"):
         raise QwenMobileError(
             f"{Path(bundle) / MANIFEST}: source {source.get('checkpoint')!r} no longer has the config it was "
             "exported from (config_hash differs)"
         )
-    return loaded, make_plan(loaded.model, scheme_from_manifest(manifest["quant"]))
+    with progress.step("rebuilding the quantization plan"):
+        return loaded, make_plan(loaded.model, scheme_from_manifest(manifest["quant"]))
 
 
 def verify_bundle(bundle: Path) -> dict:

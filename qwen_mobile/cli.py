@@ -55,6 +55,22 @@ def quiet_warnings():
         yield
 
 
+@contextlib.contextmanager
+def showing_steps(title: str):
+    """A status line naming the step that runs, and a line with each step's duration as it ends."""
+    from qwen_mobile import progress
+
+    with err.status(title) as status:
+        def listen(step: str, seconds: float | None) -> None:
+            if seconds is None:
+                status.update(f"{title}: {step}")
+            else:
+                err.print(f"  {step} [dim]{seconds:.1f} s[/]", highlight=False)
+
+        with progress.reporting(listen), quiet_warnings():
+            yield
+
+
 def _fail(error: QwenMobileError) -> None:
     err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
@@ -151,8 +167,7 @@ def export(
     from qwen_mobile.export import export_bundle
 
     try:
-        with err.status(f"exporting to {backend}: load, quantize, lower, write, verify through the runtime"), \
-                quiet_warnings():
+        with showing_steps(f"exporting to {backend}"):
             bundle = export_bundle(model, backend, quant, out_dir, group_size, embeddings_8bit)
     except QwenMobileError as error:
         _fail(error)
@@ -168,7 +183,7 @@ def verify(bundle: Path = BundleArg, as_json: bool = typer.Option(False, "--json
     from qwen_mobile.bundle import verify_bundle
 
     try:
-        with err.status(f"verifying {bundle}"), quiet_warnings():
+        with showing_steps(f"verifying {bundle}"):
             result = verify_bundle(bundle)
     except QwenMobileError as error:
         _fail(error)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qwen_mobile import progress
 from qwen_mobile.checkpoint import load
 from qwen_mobile.quant.plan import make_plan, resolve_scheme
 from qwen_mobile.registry import get_backend
@@ -26,6 +27,9 @@ def export_bundle(
     which writes the bundle atomically to `out` and returns its path."""
     spec, quant = get_backend(backend, quant)
     scheme = resolve_scheme(quant, group_size, embeddings_8bit)
-    loaded = load(model)
+    with progress.step("loading the checkpoint"):
+        loaded = load(model)
     out = out or default_out(loaded.checkpoint.source, backend, quant)
-    return spec.load_exporter()(loaded, plan=make_plan(loaded.model, scheme), out=out)
+    with progress.step(f"planning {quant} quantization"):
+        plan = make_plan(loaded.model, scheme)
+    return spec.load_exporter()(loaded, plan=plan, out=out)

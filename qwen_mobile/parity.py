@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from qwen_mobile import progress
 from qwen_mobile.corpus import load_corpus, split_corpus
 from qwen_mobile.models.qwen3_5 import Qwen35, init_state
 from qwen_mobile.quant.eager import dequantized
@@ -154,38 +155,60 @@ def top1_agreement(reference: torch.Tensor, logits: torch.Tensor) -> float:
     return (reference.argmax(-1) == logits.argmax(-1)).float().mean().item()
 
 
-def check_parity(
-    run_pass: RunPass,
+@dataclass
+class References:
+    """What the artifact is compared against: computed once, reusable across runtimes of
+    the same artifact (the eager passes cost minutes at 0.8B)."""
+
+    tokens: torch.Tensor
+    prefill: Spans
+    decode: Spans
+    float_logits: torch.Tensor  # the float model's
+    logits: torch.Tensor  # what the gate compares against: float_logits, or the plan's in eager
+    gate: Gate
+    quantized: bool
+
+    @property
+    def spans(self) -> Spans:
+        return self.prefill + self.decode
+
+
+def references(
     model: Qwen35,
     max_context: int,
     max_seq_len: int,
     plan: QuantPlan | None = None,
     gate: Gate | None = None,
     tokenizer_dir: Path | None = None,
-) -> Parity:
-    """Measure the artifact against the reference its plan calls for (see the module doc),
-    feeding the held-out text under the tokenizer in `tokenizer_dir` (the checkpoint's, or
-    the bundle's copy of it) or, without one, seeded random ids. Raises only what run_pass
-    raises when the artifact cannot load or run."""
+) -> References:
+    """The eager logits the gate needs for this plan (see the module doc), feeding the
+    held-out text under the tokenizer in `tokenizer_dir` (the checkpoint's, or the bundle's
+    copy of it) or, without one, seeded random ids."""
     prefill, decode = feeding_plan(max_context, max_seq_len)
     spans = prefill + decode
     needed = spans[-1][1]
-    if tokenizer_dir is None:
-        tokens = sample_tokens(model.config.vocab_size, needed)
-    else:
-        tokens = held_out_tokens(tokenizer_dir, needed)
-    float_reference = reference_logits(model, tokens, spans, max_context)
+    tokens = sample_tokens(model.config.vocab_size, needed) if tokenizer_dir is None else held_out_tokens(
+        tokenizer_dir, needed
+    )
+    with progress.step(f"eager reference: float model, {len(spans)} calls"):
+        float_logits = reference_logits(model, tokens, spans, max_context)
     quantized = plan is not None and bool(plan.weights)
+    logits = float_logits
     if quantized:
-        with dequantized(model, plan):
-            reference = reference_logits(model, tokens, spans, max_context)
-    else:
-        reference = float_reference
+        with progress.step(f"eager reference: {plan.scheme.name} plan, {len(spans)} calls"), dequantized(model, plan):
+            logits = reference_logits(model, tokens, spans, max_context)
     gate = gate or (QUANTIZED_GATE if quantized else FLOAT_GATE)
+    return References(tokens, prefill, decode, float_logits, logits, gate, quantized)
 
-    first = run_pass(tokens, spans)
-    second = run_pass(tokens, spans)
 
+def compare(run_pass: RunPass, refs: References) -> Parity:
+    """Run the artifact's pass twice (the second from input_pos 0 again: the reset) and
+    measure both against the references. Raises only what run_pass raises when the
+    artifact cannot load or run."""
+    with progress.step(f"artifact: 2 passes of {len(refs.spans)} calls"):
+        first = run_pass(refs.tokens, refs.spans)
+        second = run_pass(refs.tokens, refs.spans)
+    reference, gate = refs.logits, refs.gate
     max_abs_diff = (torch.cat((first, second)) - reference.repeat(2, 1)).abs().max().item()
     reference_std = reference.std().item()
     return Parity(
@@ -198,15 +221,28 @@ def check_parity(
         max_relative_diff=gate.max_relative_diff,
         top1_agreement=top1_agreement(reference, first),
         min_top1=gate.min_top1,
-        positions_checked=len(spans),
-        tokens_fed=tokens.shape[1],
-        prefill_chunks=[end - start for start, end in prefill],
-        decode_steps=len(decode),
+        positions_checked=len(refs.spans),
+        tokens_fed=refs.tokens.shape[1],
+        prefill_chunks=[end - start for start, end in refs.prefill],
+        decode_steps=len(refs.decode),
         reset_max_abs_diff=(second - first).abs().max().item(),
         # a sequence restarted at input_pos 0 must reproduce the first pass as closely as fp32 must match eager
         reset_allowed=FLOAT_GATE.tolerance * reference_std,
         versus_float=(
-            {"mean_kl": mean_kl(float_reference, first), "top1_agreement": top1_agreement(float_reference, first)}
-            if quantized or gate is REDUCED_PRECISION_GATE else None
+            {"mean_kl": mean_kl(refs.float_logits, first), "top1_agreement": top1_agreement(refs.float_logits, first)}
+            if refs.quantized or gate is REDUCED_PRECISION_GATE else None
         ),
     )
+
+
+def check_parity(
+    run_pass: RunPass,
+    model: Qwen35,
+    max_context: int,
+    max_seq_len: int,
+    plan: QuantPlan | None = None,
+    gate: Gate | None = None,
+    tokenizer_dir: Path | None = None,
+) -> Parity:
+    """The gate for one artifact on one runtime: compare(run_pass, references(...))."""
+    return compare(run_pass, references(model, max_context, max_seq_len, plan, gate, tokenizer_dir))

@@ -86,6 +86,9 @@ def test_verify_rebuilds_the_plan_and_passes(exported):
     result = CliRunner().invoke(app, ["verify", str(exported), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["passed"] is True
+    # each step of the gate is reported on stderr as it ends, with its duration
+    for step in ("rebuilding the quantization plan", "eager reference: 8da4w plan, 100 calls", "artifact: 2 passes"):
+        assert step in result.stderr, result.stderr
 
 
 def test_run_generates_text_through_the_quantized_program(exported):

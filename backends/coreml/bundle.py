@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 
+from qwen_mobile import progress
 from qwen_mobile.bundle import copy_tokenizer, manifest_head, read_tokenizer_config, tool_versions, write_manifest
 from qwen_mobile.checkpoint import Checkpoint, LoadedModel, stop_token_ids
 from qwen_mobile.config import Qwen35Config
@@ -54,7 +55,8 @@ def export(
     out = Path(out)
     with staged_directory(out) as staging:
         package = staging / BACKEND.artifact
-        lowered = lower.lower(model, plan, package, max_context, chunk, recurrent_dtype)
+        with progress.step("converting with coremltools"):
+            lowered = lower.lower(model, plan, package, max_context, chunk, recurrent_dtype)
         parity = verify.require_parity(package, model, max_context, chunk, plan, checkpoint.path)
         operations = operation_counts(package)
         copy_tokenizer(checkpoint.path, staging)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from qwen_mobile import progress
 from qwen_mobile.bundle import copy_tokenizer, manifest_head, read_tokenizer_config, tool_versions, write_manifest
 from qwen_mobile.checkpoint import Checkpoint, LoadedModel, stop_token_ids
 from qwen_mobile.config import Qwen35Config
@@ -43,7 +44,8 @@ def export(
 
     out = Path(out)
     with staged_directory(out) as staging:
-        program = lower.lower(model, plan, max_context, max_seq_len, metadata)
+        with progress.step("lowering: torch.export, XNNPACK, .pte"):
+            program = lower.lower(model, plan, max_context, max_seq_len, metadata)
         (staging / BACKEND.artifact).write_bytes(program.pte)
         parity = verify.require_parity(staging / BACKEND.artifact, model, max_context, max_seq_len, plan, checkpoint.path)
         copy_tokenizer(checkpoint.path, staging)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qwen_mobile import progress
 from qwen_mobile.bundle import copy_tokenizer, manifest_head, read_tokenizer_config, tool_versions, write_manifest
 from qwen_mobile.checkpoint import Checkpoint, LoadedModel, stop_token_ids
 from qwen_mobile.config import Qwen35Config
@@ -46,7 +47,8 @@ def export(
     out = Path(out)
     with staged_directory(out) as staging:
         started = time.perf_counter()
-        flatbuffer = lower.convert(model, max_context, prefill_chunk, plan)
+        with progress.step("converting with litert-torch"):
+            flatbuffer = lower.convert(model, max_context, prefill_chunk, plan)
         convert_seconds = time.perf_counter() - started
         artifact = staging / BACKEND.artifact
         artifact.write_bytes(flatbuffer)

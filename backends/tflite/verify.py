@@ -10,7 +10,7 @@ import torch
 from qwen_mobile.bundle import load_source
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.models.qwen3_5 import Qwen35
-from qwen_mobile.parity import Parity, Spans, check_parity
+from qwen_mobile.parity import Parity, Spans, compare, references
 from qwen_mobile.quant.plan import QuantPlan
 
 from . import runtime
@@ -28,12 +28,11 @@ def measure(
     """The gate per runtime configuration, in RUNTIMES order, stopping at the first that fails
     (the artifact is refused either way). One interpreter serves both passes of a
     configuration, so the second pass also proves that input_pos 0 starts a new sequence."""
+    refs = references(model, max_context, chunk, plan, tokenizer_dir=tokenizer_dir)
     results = {}
     for name, xnnpack in RUNTIMES.items():
         artifact = runtime.TFLiteModel(path, feeds, max_context, xnnpack=xnnpack)
-        results[name] = check_parity(
-            lambda t, s: run_pass(artifact, t, s), model, max_context, chunk, plan, tokenizer_dir=tokenizer_dir
-        )
+        results[name] = compare(lambda t, s: run_pass(artifact, t, s), refs)
         if not results[name].passed:
             break
     return results
