@@ -125,25 +125,28 @@ def generate(
 ):
     """Generate with the export-ready model on this CPU. Only the continuation goes to stdout."""
     from qwen_mobile.checkpoint import load, stop_token_ids
-    from qwen_mobile.generate import eager_runner, generate_text, load_tokenizer
+    from qwen_mobile.generate import GenerationStats, eager_runner, generate_text, load_tokenizer
 
     try:
         loaded = load(model)
+        stats = GenerationStats()
         pieces = generate_text(
             eager_runner(loaded.model, max_context), load_tokenizer(loaded.checkpoint.path), prompt, chat=chat,
-            stop_ids=stop_token_ids(loaded.checkpoint), max_new_tokens=max_new_tokens,
+            stop_ids=stop_token_ids(loaded.checkpoint), stats=stats, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, seed=seed,
         )
-        _print_stream(pieces)
+        _print_stream(pieces, stats)
     except QwenMobileError as error:
         _fail(error)
 
 
-def _print_stream(pieces) -> None:
+def _print_stream(pieces, stats) -> None:
+    """The continuation on stdout as it is generated, then the runner's speed on stderr."""
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    err.print(stats.summary(), style="dim", highlight=False)
 
 
 @app.command()
@@ -210,16 +213,17 @@ def run(
 ):
     """Stream text from a bundle through its backend's runtime on this CPU. Only the continuation goes to stdout."""
     from qwen_mobile.bundle import open_runner
-    from qwen_mobile.generate import generate_text, load_tokenizer
+    from qwen_mobile.generate import GenerationStats, generate_text, load_tokenizer
 
     try:
         with quiet_warnings():
             runner, manifest = open_runner(bundle)
+        stats = GenerationStats()
         pieces = generate_text(
             runner, load_tokenizer(bundle), prompt, chat=chat, stop_ids=tuple(manifest["special_tokens"]["eos"]),
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+            stats=stats, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
         )
-        _print_stream(pieces)
+        _print_stream(pieces, stats)
     except QwenMobileError as error:
         _fail(error)
 

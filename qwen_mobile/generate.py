@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -103,14 +105,58 @@ def generate_tokens(
         position += 1
 
 
+@dataclass
+class GenerationStats:
+    """Wall time of the runner's calls, split the way a user reads a generation: the prompt
+    (prefill calls, which also give the first token) and each token after it (decode steps)."""
+
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_steps: int = 0
+    decode_s: float = 0.0
+
+    def timed(self, step: Step, prompt_tokens: int) -> Step:
+        self.prompt_tokens = prompt_tokens
+
+        def call(tokens: list[int], position: int) -> torch.Tensor:
+            start = time.perf_counter()
+            logits = step(tokens, position)
+            elapsed = time.perf_counter() - start
+            if position < prompt_tokens:
+                self.prefill_s += elapsed
+            else:
+                self.decode_steps += 1
+                self.decode_s += elapsed
+            return logits
+
+        return call
+
+    def summary(self) -> str:
+        text = f"prompt: {self.prompt_tokens} tokens in {self.prefill_s:.2f} s"
+        if self.prefill_s > 0:
+            text += f" ({self.prompt_tokens / self.prefill_s:.1f} tokens/s)"
+        if self.decode_steps and self.decode_s > 0:
+            text += f"; decode: {self.decode_steps} steps, {self.decode_steps / self.decode_s:.1f} tokens/s"
+        return text
+
+
 def generate_text(
-    runner: Runner, tokenizer, prompt: str, *, chat: bool, stop_ids: tuple[int, ...], **sampling
+    runner: Runner,
+    tokenizer,
+    prompt: str,
+    *,
+    chat: bool,
+    stop_ids: tuple[int, ...],
+    stats: GenerationStats | None = None,
+    **sampling,
 ) -> Iterator[str]:
     """Text pieces continuing `prompt`, from any runner: the eager model or an artifact's runtime.
-    `sampling` holds generate_tokens' max_new_tokens, temperature, top_p and seed."""
+    `sampling` holds generate_tokens' max_new_tokens, temperature, top_p and seed; `stats`,
+    when given, is filled with the runner's timings as the pieces are drawn."""
+    prompt_ids = encode_prompt(tokenizer, prompt, chat)
+    step = stats.timed(runner.step, len(prompt_ids)) if stats else runner.step
     tokens = generate_tokens(
-        runner.step, encode_prompt(tokenizer, prompt, chat), max_context=runner.max_context,
-        max_chunk=runner.max_chunk, stop_ids=stop_ids, **sampling,
+        step, prompt_ids, max_context=runner.max_context, max_chunk=runner.max_chunk, stop_ids=stop_ids, **sampling,
     )
     return stream_text(tokenizer, tokens, stop_ids)
 

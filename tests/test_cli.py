@@ -1,6 +1,7 @@
 """The CLI as a user meets it: exit codes, one-line errors on stderr, clean stdout."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -48,6 +49,8 @@ def test_generate_prints_only_the_continuation():
     result = run_cli("generate", "--prompt", "ROMEO:\n", "--max-new-tokens", "12")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() and not result.stdout.startswith("ROMEO:")
+    # the speed goes to stderr, after the text: "ROMEO:\n" is 3 tokens, 12 new tokens take 12 decode steps
+    assert re.search(r"prompt: 3 tokens in [\d.]+ s \([\d.]+ tokens/s\); decode: 12 steps, [\d.]+ tokens/s", result.stderr)
 
 
 def test_generate_greedy_is_deterministic_and_sampling_differs():
