@@ -135,14 +135,16 @@ class GatedAttention(nn.Module):
         """Causal GQA of query [B, heads, T, D] over a cache [B, kv_heads, slots, D] that already
         holds this call's keys and values: each query sees the slots up to its own position
         (later slots are stale or empty)."""
+        batch, heads, length, dim = query.shape
         slots = torch.arange(keys.shape[2], device=query.device)
-        mask = torch.where(slots[None, :] <= positions[:, None], 0.0, float("-inf"))
-        groups = self.num_heads // self.num_kv_heads
-        keys_per_head = keys.repeat_interleave(groups, dim=1).to(query.dtype)
-        values_per_head = values.repeat_interleave(groups, dim=1).to(query.dtype)
-        scores = (query @ keys_per_head.transpose(-1, -2)) * self.head_dim**-0.5 + mask
+        mask = torch.where(slots[None, :] <= positions[:, None], 0.0, float("-inf"))  # [T, slots]
+        # GQA without copying the cache per query head (at the 0.8B shape, repeating the 2,048-slot
+        # cache took 55% of an eager decode step): each KV head's query heads are stacked along rows
+        groups = heads // self.num_kv_heads
+        grouped = query.reshape(batch, self.num_kv_heads, groups * length, dim)
+        scores = (grouped @ keys.to(query.dtype).transpose(-1, -2)) * dim**-0.5 + mask.repeat(groups, 1)
         weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
-        return weights @ values_per_head
+        return (weights @ values.to(query.dtype)).reshape(batch, heads, length, dim)
 
 
 class GatedDeltaNet(nn.Module):
