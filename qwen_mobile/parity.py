@@ -234,15 +234,3 @@ def compare(run_pass: RunPass, refs: References) -> Parity:
         ),
     )
 
-
-def check_parity(
-    run_pass: RunPass,
-    model: Qwen35,
-    max_context: int,
-    max_seq_len: int,
-    plan: QuantPlan | None = None,
-    gate: Gate | None = None,
-    tokenizer_dir: Path | None = None,
-) -> Parity:
-    """The gate for one artifact on one runtime: compare(run_pass, references(...))."""
-    return compare(run_pass, references(model, max_context, max_seq_len, plan, gate, tokenizer_dir))

@@ -187,7 +187,9 @@ class CoreMLQwen35(nn.Module):
         keys = torch.where(written, write @ key, keys)
         values = torch.where(written, write @ value, values)
 
-        # GQA without repeating the cache: each KV head's query heads are stacked along rows
+        # GQA without repeating the cache: each KV head's query heads are stacked along rows, as in
+        # GatedAttention.attend_cache, whose dtype casts (fp32 softmax for bf16 eager models) the
+        # coremltools torch frontend cannot convert ("input to cast must be ... a scalar")
         groups = heads // kv_heads
         mask = torch.where(slots[None, :] <= positions[:, None], 0.0, float("-inf"))  # [T, context]
         grouped = query.reshape(batch, kv_heads, groups * size, dim)

@@ -10,7 +10,7 @@ import torch
 from qwen_mobile.bundle import load_source
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.models.qwen3_5 import Qwen35
-from qwen_mobile.parity import REDUCED_PRECISION_GATE, Parity, Spans, check_parity
+from qwen_mobile.parity import REDUCED_PRECISION_GATE, Parity, Spans, compare, references
 from qwen_mobile.quant.plan import QuantPlan
 
 from . import runtime
@@ -35,8 +35,8 @@ def measure(
     """One session for both of the gate's passes, so the second also proves that a call at
     input_pos 0 starts a new sequence on states that already hold one."""
     session = runtime.open_session(package)
-    return check_parity(lambda tokens, spans: session_logits(session, tokens, spans, chunk), model, max_context,
-                        chunk, plan, gate_for(plan), tokenizer_dir)
+    refs = references(model, max_context, chunk, plan, gate_for(plan), tokenizer_dir)
+    return compare(lambda tokens, spans: session_logits(session, tokens, spans, chunk), refs)
 
 
 def require_parity(

@@ -9,7 +9,7 @@ import torch
 from qwen_mobile.bundle import load_source
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.models.qwen3_5 import Qwen35
-from qwen_mobile.parity import Parity, Spans, check_parity
+from qwen_mobile.parity import Parity, Spans, compare, references
 from qwen_mobile.quant.plan import QuantPlan
 
 from . import runtime
@@ -25,10 +25,8 @@ def measure(
     """Load the program once and run the gate's passes on that one method, so the second
     pass also proves that input_pos 0 resets the state held in the program."""
     method = runtime.load_forward(pte)
-    return check_parity(
-        lambda tokens, spans: runtime_logits(method, tokens, spans), model, max_context, max_seq_len, plan,
-        tokenizer_dir=tokenizer_dir,
-    )
+    refs = references(model, max_context, max_seq_len, plan, tokenizer_dir=tokenizer_dir)
+    return compare(lambda tokens, spans: runtime_logits(method, tokens, spans), refs)
 
 
 def require_parity(
