@@ -162,18 +162,10 @@ def export_ours(name: str, checkpoint: Path, work: Path, args, exports: dict) ->
         exports.setdefault(name, {"status": "skipped", "message": "--skip-export"})
         return None
     log = work / "logs" / f"export-{name}.log"
-    if backend == "tflite":  # the CLI keeps the exporter's default context (512); decode at 1,024 needs more
-        code = (
-            "import sys; from pathlib import Path; from qwen_mobile.checkpoint import load; "
-            "from qwen_mobile.quant.plan import make_plan, resolve_scheme; from qwen_mobile.registry import get_backend; "
-            f"spec, quant = get_backend('tflite', {quant!r}); loaded = load({str(checkpoint)!r}); "
-            "spec.load_exporter()(loaded, plan=make_plan(loaded.model, resolve_scheme(quant, None, False)), "
-            f"out=Path({str(out)!r}), max_context={args.tflite_context})"
-        )
-        command = [sys.executable, "-c", code]
-    else:
-        command = [sys.executable, "-m", "qwen_mobile", "export", str(checkpoint), "--backend", backend,
-                   "--quant", quant, "--out", str(out), *(["--group-size", str(group_size)] if group_size else [])]
+    command = [sys.executable, "-m", "qwen_mobile", "export", str(checkpoint), "--backend", backend,
+               "--quant", quant, "--out", str(out), *(["--group-size", str(group_size)] if group_size else [])]
+    if backend == "tflite":  # the backend's default context (512) is too short for decode at 1,024
+        command += ["--max-context", str(args.tflite_context)]
     result = run_child(command, log, args.export_timeout, heavy=True)
     ok = result["returncode"] == 0 and (out / "manifest.json").is_file()
     status = "ok" if ok else ("timed out" if result["timed_out"] else

@@ -161,6 +161,11 @@ def export(
     embeddings_8bit: bool = typer.Option(
         False, "--embeddings-8bit", help="Keep the embedding and lm_head at 8 bit (per channel) under a 4-bit scheme"
     ),
+    max_context: Optional[int] = typer.Option(
+        None, "--max-context", min=2,
+        help="Longest sequence (prompt + output) the artifact holds; sizes the KV caches [default: the backend's own, "
+        "recorded in the manifest]",
+    ),
 ):
     """Write a bundle (artifact, tokenizer, manifest) that the demo apps run unchanged.
 
@@ -171,7 +176,7 @@ def export(
 
     try:
         with showing_steps(f"exporting to {backend}"):
-            bundle = export_bundle(model, backend, quant, out_dir, group_size, embeddings_8bit)
+            bundle = export_bundle(model, backend, quant, out_dir, group_size, embeddings_8bit, max_context)
     except QwenMobileError as error:
         _fail(error)
     out.print(f"wrote {bundle}")

@@ -22,9 +22,11 @@ def export_bundle(
     out: Path | None,
     group_size: int | None = None,
     embeddings_8bit: bool = False,
+    max_context: int | None = None,
 ) -> Path:
     """Validates the request before any slow work, then runs the backend's exporter,
-    which writes the bundle atomically to `out` and returns its path."""
+    which writes the bundle atomically to `out` and returns its path. `max_context`
+    None keeps the backend's own default."""
     spec, quant = get_backend(backend, quant)
     scheme = resolve_scheme(quant, group_size, embeddings_8bit)
     with progress.step("loading the checkpoint"):
@@ -32,4 +34,5 @@ def export_bundle(
     out = out or default_out(loaded.checkpoint.source, backend, quant)
     with progress.step(f"planning {quant} quantization"):
         plan = make_plan(loaded.model, scheme)
-    return spec.load_exporter()(loaded, plan=plan, out=out)
+    lengths = {} if max_context is None else {"max_context": max_context}
+    return spec.load_exporter()(loaded, plan=plan, out=out, **lengths)

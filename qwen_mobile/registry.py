@@ -21,7 +21,7 @@ class BackendSpec:
     artifact: str  # the artifact's file name inside a bundle
     quant_schemes: tuple[str, ...]  # the --quant values it encodes; the first is the default
     # "module:function" entry points, imported only when used:
-    exporter: str  # (loaded: LoadedModel, plan: QuantPlan, out) -> bundle Path; encodes the plan as it is
+    exporter: str  # (loaded: LoadedModel, plan: QuantPlan, out, max_context=...) -> bundle Path; encodes the plan as it is
     verifier: str  # (bundle Path, manifest dict) -> parity dict with "passed", on the artifact as written
     runner: str  # (bundle Path, manifest dict) -> Runner, through the backend's runtime on this CPU
 
