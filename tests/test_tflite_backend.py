@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from qwen_mobile.backends.tflite import BACKEND, bundle, lower, npu_report, runtime, verify
+from qwen_mobile.backends.tflite import BACKEND, bundle, lower, npu_report, quantize, runtime, verify
 from qwen_mobile.bundle import validate_manifest
 from qwen_mobile.checkpoint import load, stop_token_ids
 from qwen_mobile.errors import QwenMobileError
@@ -231,6 +231,28 @@ def test_quant_schemes_it_cannot_encode_are_refused_by_name(loaded, tmp_path):
     with pytest.raises(QwenMobileError, match=f"--quant '{unsupported[0]}' is not supported by the tflite backend"):
         bundle.export(loaded, plan, tmp_path / "b")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_int4_export_carries_the_plans_integers_and_passes_the_gate(loaded, tmp_path):
+    """The quantized path end to end from the CLI: planned weights converted as signature inputs,
+    then made constants of the plan's integers; the app-facing signatures take no weight."""
+    from typer.testing import CliRunner
+
+    from qwen_mobile.cli import app
+
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(app, ["export", "--backend", "tflite", "--quant", "int4", "--max-context", "96", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parity"]["passed"] and manifest["max_context"] == 96
+    for method in manifest["methods"].values():
+        assert not [entry["name"] for entry in method["inputs"] if entry["name"].startswith("weight__")]
+    plan = make_plan(loaded.model, resolve_scheme("int4"))
+    stored = quantize.read_weights((out / "model.tflite").read_bytes())
+    shared = {"lm_head.weight"} if loaded.model.config.tie_word_embeddings else set()
+    assert set(stored) == set(plan.weights) - shared
+    for name, entry in stored.items():
+        np.testing.assert_array_equal(entry["qdata"].reshape(plan.weights[name].qdata.shape), plan.weights[name].qdata)
 
 
 def test_run_command_streams_what_the_eager_model_generates(exported):

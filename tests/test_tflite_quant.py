@@ -1,15 +1,18 @@
 """The plan's integers and scales, encoded into a converted flatbuffer as they are (no re-rounding).
 
 A small Embedding -> Linear -> Linear module keeps this fast; the full model's quantized
-export runs the same encode (backends/tflite/quantize.py) behind the same parity gate.
+export converts the same way (planned weights as signature inputs, backends/tflite/lower.py)
+and runs the same encode (backends/tflite/quantize.py) behind the same parity gate.
 """
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from qwen_mobile.backends.tflite import quantize
+from qwen_mobile.backends.tflite import lower, quantize
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.quant.eager import dequantized
 from qwen_mobile.quant.plan import make_plan, resolve_scheme
@@ -30,10 +33,24 @@ class Small(nn.Module):
 TOKENS = torch.arange(0, 64, 5, dtype=torch.int32).reshape(1, -1)
 
 
-def convert(model) -> bytes:
+class WeightsAsInputs(nn.Module):
+    def __init__(self, model, inputs: dict[str, str]):
+        super().__init__()
+        self.model, self.inputs = model, inputs
+
+    def forward(self, tokens, **weights):
+        return lower.call_with_weights(self.model, self.inputs, weights, tokens)
+
+
+def convert(model, plan=None) -> bytes:
+    """As lower.convert does: the plan's weights as signature inputs (none without a plan)."""
     import litert_torch
 
-    return bytes(litert_torch.convert(model.eval(), (TOKENS,)).model_content())
+    inputs = lower.weight_inputs(model, plan)
+    parameters = dict(model.named_parameters())
+    sample = {"tokens": TOKENS, **{key: parameters[name].detach() for key, name in inputs.items()}}
+    wrapper = WeightsAsInputs(model.eval(), inputs).eval()
+    return bytes(litert_torch.convert(wrapper, (), sample_kwargs=sample).model_content())
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +69,10 @@ def test_the_ints_in_the_file_are_the_plans_and_it_computes_the_plans_model(smal
 
     plan = make_plan(small, resolve_scheme(scheme))
     assert set(plan.weights) == {"embed_tokens.weight", "proj.weight", "lm_head.weight"}
+    converted = convert(small, plan)
+    assert len(converted) < 4096  # the converter saw no weight values
+    encoded = quantize.encode(converted, plan)
     with dequantized(small, plan), torch.no_grad():
-        encoded = quantize.encode(convert(small), plan)
         expected = small(TOKENS).numpy()
 
     stored = quantize.read_weights(encoded)
@@ -67,7 +86,8 @@ def test_the_ints_in_the_file_are_the_plans_and_it_computes_the_plans_model(smal
 
     for options in ({}, {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}):
         runner = Interpreter(model_content=encoded, **options).get_signature_runner()
-        (got,) = runner(args_0=TOKENS.numpy()).values()
+        assert set(runner.get_input_details()) == {"tokens"}  # the weights are constants again
+        (got,) = runner(tokens=TOKENS.numpy()).values()
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
@@ -84,8 +104,19 @@ def test_a_plan_with_activation_quantization_is_refused_by_name(small):
         quantize.check_encodable(plan)
 
 
-def test_a_constant_that_is_not_the_plans_is_not_silently_requantized(small, float_flatbuffer):
-    """Converted from the float weights instead of the plan's: encode finds no matching constant and says so."""
+def test_a_model_converted_without_the_plans_inputs_is_refused_by_weight_name(small, float_flatbuffer):
+    """Converted with its weights as float constants: encode finds no input to replace and says which."""
     plan = make_plan(small, resolve_scheme("int8"))
-    with pytest.raises(QwenMobileError, match="holds no constant equal to the plan's weight"):
+    with pytest.raises(QwenMobileError, match="embed_tokens.weight: the converted model takes no input"):
         quantize.encode(float_flatbuffer, plan)
+
+
+def test_an_input_whose_shape_is_not_the_plans_weight_is_refused(small):
+    plan = make_plan(small, resolve_scheme("int8"))
+    converted = convert(small, plan)
+    weight = plan.weights["proj.weight"]  # [96, 64]
+    plan.weights["proj.weight"] = replace(
+        weight, qdata=weight.qdata.T.contiguous(), scale=weight.scale[:64], zero_point=weight.zero_point[:64], group_size=96
+    )
+    with pytest.raises(QwenMobileError, match=r"proj.weight: the converted input is \[96, 64\], the plan's weight \[64, 96\]"):
+        quantize.encode(converted, plan)

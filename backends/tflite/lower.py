@@ -35,7 +35,6 @@ from torch import nn
 from qwen_mobile.config import FULL_ATTENTION, LINEAR_ATTENTION, Qwen35Config
 from qwen_mobile.models.qwen3_5 import GatedAttention, GatedDeltaNet, Qwen35, init_state
 from qwen_mobile.ops.gated_delta_rule import decompositions
-from qwen_mobile.quant.eager import dequantized
 from qwen_mobile.quant.plan import QuantPlan
 
 from . import quantize
@@ -78,14 +77,31 @@ class _Masks:
     length: torch.Tensor | None = None  # int32 [1]
 
 
-class SignatureModule(nn.Module):
-    """One signature: tokens, input_pos (and length for prefill) and the state in; logits and state out."""
+def weight_inputs(model: nn.Module, plan: QuantPlan | None) -> dict[str, str]:
+    """Signature input name -> parameter name, for every planned weight (a tied lm_head is the
+    embedding's parameter, so it is one input). See convert for why weights are inputs."""
+    if plan is None:
+        return {}
+    parameters = dict(model.named_parameters())  # tied parameters appear once
+    return {quantize.input_name(name): name for name in plan.weights if name in parameters}
 
-    def __init__(self, model: Qwen35, max_context: int, chunk: int | None):
+
+def call_with_weights(model: nn.Module, inputs: dict[str, str], given: dict[str, torch.Tensor], *args, **kwargs):
+    """model(*args, **kwargs) with each weight in `inputs` taken from the signature input `given` of that name."""
+    weights = {inputs[key]: tensor for key, tensor in given.items()}
+    return torch.func.functional_call(model, weights, args, kwargs)
+
+
+class SignatureModule(nn.Module):
+    """One signature: tokens, input_pos (and length for prefill), the state and the planned
+    weights in; logits and state out."""
+
+    def __init__(self, model: Qwen35, max_context: int, chunk: int | None, weights: dict[str, str]):
         super().__init__()
         self.model = model
         self.chunk = chunk  # None: the decode signature (one token, nothing to mask)
         self.names = [name for name, _ in state_specs(model.config, max_context)]
+        self.weights = weights
         self.masks = _Masks()
 
     def sample_inputs(self, max_context: int) -> dict[str, torch.Tensor]:
@@ -94,17 +110,22 @@ class SignatureModule(nn.Module):
         if self.chunk is not None:
             inputs["length"] = torch.full((1,), length, dtype=torch.int32)
         inputs.update(state_specs(self.model.config, max_context))
+        parameters = dict(self.model.named_parameters())
+        inputs.update({key: parameters[name].detach() for key, name in self.weights.items()})
         return inputs
 
-    def forward(self, tokens, input_pos, length=None, **state):
-        flat = [state[name] for name in self.names]
+    def forward(self, tokens, input_pos, length=None, **named):
+        flat = [named[name] for name in self.names]
         pairs = list(zip(flat[0::2], flat[1::2]))
+        weights = {key: named[key] for key in self.weights}
         if self.chunk is None:
-            logits, new_state = self.model(tokens, input_pos, pairs)
+            logits, new_state = call_with_weights(self.model, self.weights, weights, tokens, input_pos, pairs)
         else:
             self.masks.valid = torch.arange(self.chunk, dtype=torch.int32) < length
             self.masks.length = length
-            logits, new_state = self.model(tokens, input_pos, pairs, all_positions=True)
+            logits, new_state = call_with_weights(
+                self.model, self.weights, weights, tokens, input_pos, pairs, all_positions=True
+            )
             logits = logits.reshape(1, -1)  # the last real position only: see _LastReal
         outputs = {"logits": logits}
         for name, tensor in zip(self.names, (t for pair in new_state for t in pair)):
@@ -215,8 +236,7 @@ def fold_constants(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     chunk inverse, aranges, causal masks) and keep its result as a constant.
 
     The converter lowers such factory ops to STABLEHLO_IOTA and leaves it unfolded, and the
-    LiteRT interpreter has no kernel for it. Weights are not folded: the quantized export
-    finds them by name in the flatbuffer."""
+    LiteRT interpreter has no kernel for it. Weights and inputs are never folded."""
     graph = module.graph
     values: dict[torch.fx.Node, object] = {}
     for node in graph.nodes:
@@ -250,21 +270,24 @@ def convert(model: Qwen35, max_context: int, chunk: int, plan: QuantPlan | None 
     `traceable` block: litert-torch exports every signature when convert() runs, so the
     exports happen one at a time here and are handed over already traced.
 
-    With a quantization plan, the model is converted with the plan's dequantized weights
-    and quantize.encode then puts the plan's integers in their place."""
-    if plan is not None and plan.weights:
-        quantize.check_encodable(plan)
-        with dequantized(model, plan):
-            return quantize.encode(convert(model, max_context, chunk), plan)
+    With a quantization plan, every planned weight is converted as a signature input rather
+    than a constant, and quantize.encode then makes each such input a constant holding the
+    plan's integers. As constants, the converter would carry every weight in float32 through
+    its passes and into the flatbuffer (at the 0.8B shape: over 15 GiB resident and past
+    flatbuffers' 2 GB limit); as inputs it never sees their values."""
     import litert_torch
 
+    if plan is not None and plan.weights:
+        quantize.check_encodable(plan)
+    weights = weight_inputs(model, plan)
     converter = litert_torch.Converter()
     for name, signature_chunk in ((PREFILL, chunk), (DECODE, None)):
-        signature = SignatureModule(model, max_context, signature_chunk).eval()
+        signature = SignatureModule(model, max_context, signature_chunk, weights).eval()
         inputs = signature.sample_inputs(max_context)
         with torch.no_grad(), traceable(model, signature, chunk_size=chunk):
             exported = torch.export.export(signature, (), inputs, strict=False)
         converter.signature(name, fold_constants(exported.module()), sample_kwargs=inputs)
     with torch.no_grad():
         edge = converter.convert(strict_export=False)
-    return bytes(edge.model_content())
+    flatbuffer = bytes(edge.model_content())
+    return quantize.encode(flatbuffer, plan) if weights else flatbuffer

@@ -1,13 +1,13 @@
 """Encode the core's quantization plan into a converted .tflite exactly, without re-rounding.
 
-The model is converted with the plan's dequantized weights (quant.eager.dequantized), so
-every planned weight sits in the flatbuffer as a float32 constant whose bytes equal
-`plan.weights[name].dequantize()`. Each such constant is then replaced, in every
-signature that uses it, by the plan's own integers and scales:
+The model is converted with every planned weight as a signature input named
+`input_name(weight)` (lower.convert says why), so the converter never holds the weights.
+Each such input then becomes, in every signature that takes it, a computed tensor made
+from the plan's own integers and scales, and leaves the signature's inputs:
 
 - per-channel weights (int8): an int8 constant [rows, columns] quantized per channel on
   axis 0 (the plan's scale and zero point per row) -> DEQUANTIZE -> the FULLY_CONNECTED or
-  EMBEDDING_LOOKUP that used the float constant;
+  EMBEDDING_LOOKUP that took the input;
 - grouped weights (int4, group_size columns per scale): a packed INT4 constant
   [rows * groups, group_size] with scale 1 -> DEQUANTIZE -> MUL by the plan's scales
   [rows * groups, 1] -> RESHAPE [rows, columns] -> the op. Per-channel parameters on the
@@ -100,36 +100,31 @@ def _unit_quantization():
     return params
 
 
-def _float_buffers(model) -> dict[bytes, int]:
-    found = {}
-    for index, buffer in enumerate(model.buffers):
-        if buffer.data is not None and len(buffer.data) and not buffer.offset:
-            found.setdefault(bytes(buffer.data[:256]), index)
-    return found
+def input_name(weight: str) -> str:
+    """The signature input a planned weight is converted as (lower.convert): an identifier, as torch.export needs."""
+    return "weight__" + weight.replace(".", "__")
 
 
 def encode(flatbuffer: bytes, plan: QuantPlan) -> bytes:
-    """The converted flatbuffer with every planned weight replaced by the plan's integers (see module doc)."""
+    """The converted flatbuffer with every planned weight, converted as a signature input, made a
+    constant of the plan's integers (see module doc) and dropped from the signatures' inputs."""
     import flatbuffers
 
     check_encodable(plan)
     activation_ranges(plan)
     s = schema()
     model = s.ModelT.InitFromPackedBuf(flatbuffer, 0)
-    by_prefix = _float_buffers(model)
     dequantize_op = _opcode_index(model, s.BuiltinOperator.DEQUANTIZE, 4)
     reshape_op = _opcode_index(model, s.BuiltinOperator.RESHAPE, 1)
     mul_op = _opcode_index(model, s.BuiltinOperator.MUL, 1)
 
-    encoded: dict[int, str] = {}  # float buffer -> the plan weight that replaced it
+    # a tied lm_head shares the embedding's integers: one input, one constant
+    by_integers: dict[int, list[str]] = {}
     for name, weight in plan.weights.items():
-        dequantized = weight.dequantize().contiguous().numpy().astype(np.float32).tobytes()
-        index = by_prefix.get(dequantized[:256])
-        if index in encoded:  # a tied weight (lm_head): the same constant, already encoded
-            continue
-        if index is None or bytes(model.buffers[index].data) != dequantized:
-            raise QwenMobileError(f"{name}: the converted model holds no constant equal to the plan's weight")
-        encoded[index] = name
+        by_integers.setdefault(id(weight.qdata), []).append(name)
+    for names in by_integers.values():
+        weight = plan.weights[names[0]]
+        keys = {input_name(name): name for name in names}
         rows, columns = weight.qdata.shape
         groups = columns // weight.group_size
         stored_shape = [rows * groups, weight.group_size]
@@ -139,41 +134,50 @@ def encode(flatbuffer: bytes, plan: QuantPlan) -> bytes:
         shape_buffer = scale_buffer = None
         if groups > 1:
             if bool(weight.zero_point.any()):
-                raise QwenMobileError(f"{name}: grouped weights with nonzero zero points are not encoded by the tflite backend")
+                raise QwenMobileError(f"{names[0]}: grouped weights with nonzero zero points are not encoded by the tflite backend")
             shape_buffer = _add_buffer(model, np.array([rows, columns], np.int32).tobytes())
             scale_buffer = _add_buffer(model, weight.scale.reshape(-1, 1).numpy().astype(np.float32).tobytes())
-        for subgraph in model.subgraphs:
-            users = [t for t, tensor in enumerate(subgraph.tensors) if tensor.buffer == index]
-            new_ops = []
-            for user in users:
+        found = False
+        for signature in model.signatureDefs:
+            subgraph = model.subgraphs[signature.subgraphIndex]
+            entries = [entry for entry in signature.inputs if entry.name.decode() in keys]
+            for entry in entries:
+                found = True
+                name, user = keys[entry.name.decode()], entry.tensorIndex
                 target = subgraph.tensors[user]
+                if [int(d) for d in target.shape] != [rows, columns]:
+                    raise QwenMobileError(
+                        f"{name}: the converted input is {[int(d) for d in target.shape]}, the plan's weight {[rows, columns]}"
+                    )
                 target.buffer = 0  # now computed: buffer 0 is the schema's empty sentinel
-                label = f"{name}.qdata"
                 params = _quantization(weight) if groups == 1 else _unit_quantization()
-                qtensor = _tensor(subgraph, label, stored_shape, qtype, qbuffer, params)
+                qtensor = _tensor(subgraph, f"{name}.qdata", stored_shape, qtype, qbuffer, params)
                 op = s.OperatorT()
                 op.opcodeIndex, op.inputs = dequantize_op, np.array([qtensor], np.int32)
                 if groups == 1:
                     op.outputs = np.array([user], np.int32)
-                    new_ops.append(op)
-                    continue
-                # grouped: scales as one float constant shared by both signatures (per-channel parameters
-                # live on each signature's tensor and would be stored twice), applied by MUL
-                ints = _tensor(subgraph, f"{name}.ints", stored_shape, s.TensorType.FLOAT32, 0)
-                scales = _tensor(subgraph, f"{name}.scale", [rows * groups, 1], s.TensorType.FLOAT32, scale_buffer)
-                flat = _tensor(subgraph, f"{name}.dequantized", stored_shape, s.TensorType.FLOAT32, 0)
-                shape = _tensor(subgraph, f"{name}.shape", [2], s.TensorType.INT32, shape_buffer)
-                op.outputs = np.array([ints], np.int32)
-                multiply = s.OperatorT()
-                multiply.opcodeIndex = mul_op
-                multiply.inputs, multiply.outputs = np.array([ints, scales], np.int32), np.array([flat], np.int32)
-                multiply.builtinOptionsType, multiply.builtinOptions = s.BuiltinOptions.MulOptions, s.MulOptionsT()
-                reshape = s.OperatorT()
-                reshape.opcodeIndex = reshape_op
-                reshape.inputs, reshape.outputs = np.array([flat, shape], np.int32), np.array([user], np.int32)
-                new_ops += [op, multiply, reshape]
-            subgraph.operators = new_ops + list(subgraph.operators)
-        model.buffers[index].data = None  # the float copy leaves the file
+                    new_ops = [op]
+                else:
+                    # grouped: scales as one float constant shared by both signatures (per-channel parameters
+                    # live on each signature's tensor and would be stored twice), applied by MUL
+                    ints = _tensor(subgraph, f"{name}.ints", stored_shape, s.TensorType.FLOAT32, 0)
+                    scales = _tensor(subgraph, f"{name}.scale", [rows * groups, 1], s.TensorType.FLOAT32, scale_buffer)
+                    flat = _tensor(subgraph, f"{name}.dequantized", stored_shape, s.TensorType.FLOAT32, 0)
+                    shape = _tensor(subgraph, f"{name}.shape", [2], s.TensorType.INT32, shape_buffer)
+                    op.outputs = np.array([ints], np.int32)
+                    multiply = s.OperatorT()
+                    multiply.opcodeIndex = mul_op
+                    multiply.inputs, multiply.outputs = np.array([ints, scales], np.int32), np.array([flat], np.int32)
+                    multiply.builtinOptionsType, multiply.builtinOptions = s.BuiltinOptions.MulOptions, s.MulOptionsT()
+                    reshape = s.OperatorT()
+                    reshape.opcodeIndex = reshape_op
+                    reshape.inputs, reshape.outputs = np.array([flat, shape], np.int32), np.array([user], np.int32)
+                    new_ops = [op, multiply, reshape]
+                subgraph.operators = new_ops + list(subgraph.operators)
+                subgraph.inputs = np.array([i for i in subgraph.inputs if i != user], np.int32)
+            signature.inputs = [entry for entry in signature.inputs if entry.name.decode() not in keys]
+        if not found:
+            raise QwenMobileError(f"{names[0]}: the converted model takes no input for the plan's weight")
 
     builder = flatbuffers.Builder(len(flatbuffer))
     builder.Finish(model.Pack(builder), file_identifier=TFLITE_FILE_IDENTIFIER)
