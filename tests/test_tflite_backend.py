@@ -177,6 +177,15 @@ def test_the_npu_report_lists_every_op_with_static_shapes_against_the_support_ta
         assert summary["supported"] + sum(summary["unsupported_by_op"].values()) == len(report["operators"])
 
 
+def test_the_depthwise_conv_split_by_channels_computes_the_whole_conv():
+    """TFLite's builtin depthwise conv stalls on Qwen3.5-0.8B's 6,144 channels, so the conv is
+    lowered in blocks (lower.MAX_DEPTHWISE_CHANNELS); blocks of 4 over 10 channels here."""
+    torch.manual_seed(0)
+    x, weight = torch.randn(1, 10, 7), torch.randn(10, 1, 4)
+    split = lower.split_depthwise_conv1d(x, weight, max_channels=4)
+    torch.testing.assert_close(split, torch.nn.functional.conv1d(x, weight, groups=10), rtol=0, atol=0)
+
+
 def test_a_flatbuffer_with_a_custom_op_is_refused():
     report = {"builtin_only": False, "custom_ops": ["CUSTOM:FlexCumsum"], "all_shapes_static": True}
     with pytest.raises(QwenMobileError, match="non-builtin ops CUSTOM:FlexCumsum"):

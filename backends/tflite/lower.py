@@ -157,16 +157,31 @@ def _masked_gated_delta_rule(masks: _Masks, chunk_size: int):
     return op
 
 
-def _masked_causal_conv(masks: _Masks, original):
+# TFLite's builtin DEPTHWISE_CONV_2D (the CPU path without XNNPACK, and what NPU delegates fall
+# back to) stalls above 4,832 channels, the size of its per-row accumulator: with ai-edge-litert
+# 2.3.0 one call over 6,144 channels (Qwen3.5-0.8B's conv) ran for minutes where 4,096 took 0.4 ms.
+MAX_DEPTHWISE_CHANNELS = 4096
+
+
+def split_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, max_channels: int = MAX_DEPTHWISE_CHANNELS):
+    """F.conv1d(x, weight, groups=channels) as one depthwise conv per block of at most max_channels."""
+    if x.shape[1] <= max_channels:
+        return F.conv1d(x, weight, groups=x.shape[1])
+    blocks = zip(x.split(max_channels, dim=1), weight.split(max_channels, dim=0))
+    return torch.cat([F.conv1d(part, kernel, groups=kernel.shape[0]) for part, kernel in blocks], dim=1)
+
+
+def _masked_causal_conv(masks: _Masks):
     def causal_conv(self, mixed, conv_state):
-        out, final = original(mixed, conv_state)
-        if masks.valid is None:
-            return out, final
-        keep = conv_state.shape[-1]
+        """GatedDeltaNet.causal_conv with the conv split by channels (MAX_DEPTHWISE_CHANNELS); after
+        a padded prefill chunk the new state is the kernel-1 inputs before the first padded token."""
         window = torch.cat((conv_state, mixed.transpose(1, 2).to(conv_state.dtype)), dim=-1)
-        # the kernel-1 inputs before the first padded token
+        out = F.silu(split_depthwise_conv1d(window.to(mixed.dtype), self.conv1d.weight))
+        keep = conv_state.shape[-1]
+        if masks.valid is None:
+            return out.transpose(1, 2), window[..., window.shape[-1] - keep :]
         index = masks.length + torch.arange(keep, dtype=torch.int32)
-        return out, window.index_select(-1, index)
+        return out.transpose(1, 2), window.index_select(-1, index)
 
     return causal_conv
 
@@ -203,7 +218,7 @@ def traceable(model: Qwen35, signature: SignatureModule, chunk_size: int):
     try:
         setattr(namespace, "gated_delta_rule", _masked_gated_delta_rule(masks, chunk_size))
         for layer in deltanets:
-            layer.causal_conv = types.MethodType(_masked_causal_conv(masks, layer.causal_conv), layer)
+            layer.causal_conv = types.MethodType(_masked_causal_conv(masks), layer)
         for layer in attentions:
             layer.attend = types.MethodType(_one_hot_attend(masks), layer)
         if signature.chunk is not None:
