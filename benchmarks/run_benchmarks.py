@@ -640,7 +640,7 @@ def main() -> None:
         "machine": machine(),
         "versions": ", ".join(f"{k} {v}" for k, v in versions.items()) + f", Python {platform.python_version()}",
         "threads": f"torch {torch.get_num_threads()}, ExecuTorch threadpool "
-                   f"{first.get('threads', {}).get('executorch')}, LiteRT interpreter default (num_threads unset); "
+                   f"{first.get('threads', {}).get('executorch')}, LiteRT interpreter as many as torch (num_threads); "
                    "'cores busy' is CPU time / wall time over the timed runs",
         "runs": args.runs,
         "decode_steps": next((r["decode_steps"] for r in results.values() if "decode_steps" in r), None),

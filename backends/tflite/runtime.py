@@ -47,7 +47,8 @@ class TFLiteModel:
         lib = interpreter_module()
         options = {} if xnnpack else {"experimental_op_resolver_type": lib.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
         try:
-            self.interpreter = lib.Interpreter(model_path=str(path), **options)
+            # as many threads as torch (one per core); the interpreter's own default is one
+            self.interpreter = lib.Interpreter(model_path=str(path), num_threads=torch.get_num_threads(), **options)
             self.prefill = self.interpreter.get_signature_runner(PREFILL)
             self.decode = self.interpreter.get_signature_runner(DECODE)
         except Exception as error:  # the interpreter raises ValueError or RuntimeError for unreadable models
