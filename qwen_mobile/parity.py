@@ -233,4 +233,3 @@ def compare(run_pass: RunPass, refs: References) -> Parity:
             if refs.quantized or gate is REDUCED_PRECISION_GATE else None
         ),
     )
-

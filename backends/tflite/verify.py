@@ -10,7 +10,7 @@ import torch
 from qwen_mobile.bundle import load_source
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.models.qwen3_5 import Qwen35
-from qwen_mobile.parity import Parity, Spans, compare, references
+from qwen_mobile.parity import Parity, References, Spans, compare, references
 from qwen_mobile.quant.plan import QuantPlan
 
 from . import runtime
@@ -31,14 +31,18 @@ def measure(
     refs = references(model, max_context, chunk, plan, tokenizer_dir=tokenizer_dir)
     results = {}
     for name, xnnpack in RUNTIMES.items():
-        artifact = runtime.TFLiteModel(path, feeds, max_context, xnnpack=xnnpack)
-        results[name] = compare(lambda t, s: run_pass(artifact, t, s), refs)
-        # released before the next is built: at the 0.8B shape the XNNPACK interpreter holds
-        # 14 GiB (it unpacks every dequantized weight to float32, per signature)
-        del artifact
+        results[name] = compare_runtime(path, feeds, max_context, xnnpack, refs)
         if not results[name].passed:
             break
     return results
+
+
+def compare_runtime(path: Path, feeds: dict[str, str], max_context: int, xnnpack: bool, refs: References) -> Parity:
+    """The gate on one runtime configuration. Its interpreter is released on return, before the
+    next is built: at the 0.8B shape the XNNPACK one holds 14 GiB (it unpacks every dequantized
+    weight to float32, per signature)."""
+    artifact = runtime.TFLiteModel(path, feeds, max_context, xnnpack=xnnpack)
+    return compare(lambda tokens, spans: run_pass(artifact, tokens, spans), refs)
 
 
 def to_manifest(results: dict[str, Parity]) -> dict:
