@@ -6,9 +6,11 @@ Training (scripts/train_tiny.py) and every later evaluation import
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
-CORPUS_PATH = Path(__file__).resolve().parent / "calibration" / "tinyshakespeare.txt"
+# calibration/ at the top of the repository, installed as qwen_mobile.calibration
+CORPUS_PATH = Path(str(files("qwen_mobile.calibration") / "tinyshakespeare.txt"))
 TRAIN_FRACTION = 0.9
 
 

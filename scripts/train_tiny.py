@@ -3,7 +3,7 @@
 
 A ~3.5M-parameter model with the real Qwen3.5 text architecture (gated
 DeltaNet linear attention interleaved with gated full attention), trained from
-scratch on the training split of qwen_mobile/calibration/tinyshakespeare.txt with a 4096-
+scratch on the training split of calibration/tinyshakespeare.txt with a 4096-
 entry byte-level BPE tokenizer. It is small enough to ship inside the package
 and to exercise every export backend end to end in tests, while still
 producing recognisable text.
