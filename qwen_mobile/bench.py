@@ -31,7 +31,6 @@ import resource
 import statistics
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable
 
@@ -43,8 +42,6 @@ DECODE_CONTEXTS = (128, 1024)
 TTFT_PROMPT = 128
 DECODE_STEPS = 8
 DEFAULT_RUNS = 5
-COREML_REFUSAL = "the Core ML emulator is not a performance runtime"
-RUNTIME_PACKAGES = {"executorch": "executorch", "tflite": "ai-edge-litert", "coreml": "coremltools"}
 
 
 # ---------------------------------------------------------------- process measurements
@@ -72,28 +69,6 @@ def path_bytes(path: Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size
-
-
-def thread_counts() -> dict:
-    """The thread settings the runtimes run under (None: that runtime is not loaded or does not say)."""
-    import torch
-
-    counts = {"cpu_cores": os.cpu_count(), "torch": torch.get_num_threads(), "executorch": None}
-    if "executorch.runtime" in sys.modules:
-        try:
-            from executorch.extension.pybindings import portable_lib
-
-            counts["executorch"] = portable_lib._threadpool_get_thread_count()
-        except (ImportError, AttributeError):
-            pass
-    return counts
-
-
-def package_version(package: str) -> str | None:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 # ---------------------------------------------------------------- timing
@@ -215,36 +190,33 @@ def measure_runner(
     }
 
 
-def refuse_emulator(manifest: dict) -> None:
-    """Core ML bundles are timed only through Core ML itself (macOS); the emulator measures nothing real."""
-    if manifest["backend"] == "coreml":
-        from qwen_mobile.backends.coreml.runtime import use_core_ml
-
-        if not use_core_ml():
-            raise QwenMobileError(f"{COREML_REFUSAL}; `qwen-mobile bench` times Core ML bundles on macOS only")
-
-
 def bench_bundle(bundle: Path, runs: int = DEFAULT_RUNS, **options) -> dict:
-    """Load a bundle through its backend's runtime and measure it; one dict, ready for JSON."""
-    from qwen_mobile.bundle import open_runner, read_manifest
+    """Load a bundle through its backend's runtime and measure it; one dict, ready for JSON.
+    Bundles written with --no-gate are measured too (the manifest says they were never checked)."""
+    import torch
+
+    from qwen_mobile.bundle import read_manifest
 
     if runs < 1:
         raise QwenMobileError(f"--runs must be at least 1, got {runs}")
     bundle = Path(bundle)
     manifest, spec = read_manifest(bundle)
-    refuse_emulator(manifest)
+    backend = spec.load()
+    refusal = backend.bench_refusal()
+    if refusal:
+        raise QwenMobileError(f"{bundle}: {refusal}")
     rss_before = rss_bytes()
     start = time.perf_counter()
-    runner, manifest = open_runner(bundle)
+    runner = backend.open(bundle, manifest)
     load_s = time.perf_counter() - start
     figures = measure_runner(runner, manifest["vocab_size"], runs, **options)
-    runtime = RUNTIME_PACKAGES.get(manifest["backend"], manifest["backend"])
     return {
         "bundle": str(bundle),
         "backend": manifest["backend"],
-        "quant": manifest["quant"].get("scheme") if isinstance(manifest["quant"], dict) else manifest["quant"],
-        "runtime": {"package": runtime, "version": package_version(runtime)},
-        "threads": thread_counts(),
+        "quant": manifest["quant"]["scheme"],
+        "gated": not manifest["parity"].get("skipped", False),
+        "tools": manifest["tools"],
+        "threads": {"cpu_cores": os.cpu_count(), "torch": torch.get_num_threads(), **backend.thread_counts()},
         "artifact": spec.artifact,
         "artifact_bytes": path_bytes(bundle / spec.artifact),
         "bundle_bytes": path_bytes(bundle),

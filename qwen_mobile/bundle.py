@@ -1,7 +1,15 @@
-"""Bundles as written: read the manifest, hand the artifact to the backend that made it."""
+"""Bundles: the manifest every backend's bundle carries, and the core flows on a written bundle
+(`verify`, and opening it for `run` and `bench`).
+
+A bundle directory holds the artifact, the checkpoint's tokenizer.json and
+tokenizer_config.json, whatever else the backend writes (TFLite: npu_report.json) and
+manifest.json (schemas/manifest.schema.json): what the artifact expects and how it was
+checked, enough for an app to drive it without reading qwen-mobile's code.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from importlib.metadata import PackageNotFoundError, version
@@ -11,11 +19,11 @@ from qwen_mobile import progress
 from qwen_mobile.checkpoint import Checkpoint
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.quant.plan import QuantPlan
-from qwen_mobile.registry import BackendSpec, Runner, discover
+from qwen_mobile.registry import Backend, BackendSpec, Lengths, Runner, discover
 
 MANIFEST = "manifest.json"
 SCHEMA = Path(__file__).resolve().parent / "schemas" / "manifest.schema.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -26,39 +34,17 @@ def read_tokenizer_config(checkpoint_dir: Path) -> dict:
             raise QwenMobileError(f"{checkpoint_dir / name}: not found (a bundle ships the checkpoint's tokenizer)")
     path = checkpoint_dir / "tokenizer_config.json"
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise QwenMobileError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise QwenMobileError(f"{path}: expected a JSON object")
+    return config
 
 
-def copy_tokenizer(checkpoint_dir: Path, staging: Path) -> None:
+def copy_tokenizer(checkpoint_dir: Path, directory: Path) -> None:
     for name in TOKENIZER_FILES:
-        shutil.copyfile(checkpoint_dir / name, staging / name)
-
-
-def manifest_head(
-    spec: BackendSpec, checkpoint: Checkpoint, plan: QuantPlan, max_context: int, bos: int | None, eos: list[int]
-) -> dict:
-    """The fields every backend's manifest starts with; the backend adds methods, state,
-    parity and tools (see schemas/manifest.schema.json)."""
-    config = checkpoint.config
-    return {
-        "format_version": FORMAT_VERSION,
-        "backend": spec.name,
-        "artifact": spec.artifact,
-        "quant": plan.to_manifest(),
-        "source": {"checkpoint": checkpoint.source, "config_hash": checkpoint.config_hash},
-        "vocab_size": config.vocab_size,
-        "max_context": max_context,
-        "special_tokens": {"bos": bos, "eos": list(eos)},
-        "chat_template": read_tokenizer_config(checkpoint.path).get("chat_template"),
-    }
-
-
-def write_manifest(manifest: dict, staging: Path, out: Path) -> None:
-    """Validate against the schema (errors name the published path), then write into the staging directory."""
-    validate_manifest(manifest, Path(out) / MANIFEST)
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        shutil.copyfile(checkpoint_dir / name, directory / name)
 
 
 def tool_versions(*packages: str) -> dict:
@@ -70,6 +56,107 @@ def tool_versions(*packages: str) -> dict:
             return None
 
     return {package: installed(package) for package in ("torch", *packages, "qwen-mobile")}
+
+
+def state_section(backend: Backend, config, max_context: int, plan: QuantPlan) -> list[dict]:
+    """Every state tensor as the artifact stores it, in layer order (the manifest's `state`)."""
+    from qwen_mobile.models.qwen3_5 import STATE_TENSOR_NAMES, state_tensors
+
+    return [
+        {"layer": tensor.layer, "layer_type": tensor.layer_type, "kind": STATE_TENSOR_NAMES[tensor.field], **stored}
+        for tensor in state_tensors(config, max_context)
+        for stored in backend.stored_state(tensor, plan)
+    ]
+
+
+def build_manifest(
+    spec: BackendSpec,
+    backend: Backend,
+    checkpoint: Checkpoint,
+    plan: QuantPlan,
+    lengths: Lengths,
+    special_tokens: dict,
+    chat_template: str | None,
+    backend_fields: dict,
+) -> dict:
+    """The manifest of a freshly lowered artifact, before its gate (the core adds `parity`)."""
+    reserved = {"format_version", "backend", "artifact", "quant", "source", "vocab_size", "max_context",
+                "max_seq_len", "special_tokens", "chat_template", "state", "parity", "tools"}
+    clash = sorted(reserved & set(backend_fields))
+    if clash:
+        raise ValueError(f"the {spec.name} backend's manifest fields override the core's: {clash}")
+    return {
+        "format_version": FORMAT_VERSION,
+        "backend": spec.name,
+        "artifact": spec.artifact,
+        "quant": plan.to_manifest(),
+        "source": {"checkpoint": checkpoint.source, "config_hash": checkpoint.config_hash},
+        "vocab_size": checkpoint.config.vocab_size,
+        "max_context": lengths.max_context,
+        "max_seq_len": lengths.max_chunk,
+        "special_tokens": special_tokens,
+        "chat_template": chat_template,
+        "state": state_section(backend, checkpoint.config, lengths.max_context, plan),
+        **backend_fields,
+        "tools": tool_versions(*backend.tools),
+    }
+
+
+def write_manifest(manifest: dict, directory: Path, published: Path) -> None:
+    """Record every file's size and digest, validate against the schema (errors name the
+    published path), then write the manifest into `directory`, last."""
+    manifest["files"] = file_digests(directory)
+    validate_manifest(manifest, Path(published) / MANIFEST)
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def bundle_files(bundle: Path) -> dict[str, Path]:
+    """Every file under the bundle but the manifest, by its /-separated relative path. A link
+    (which could point anywhere) or anything but a file or directory is refused by name."""
+    files = {}
+    for path in sorted(Path(bundle).rglob("*")):
+        relative = path.relative_to(bundle).as_posix()
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            raise QwenMobileError(f"{path}: a bundle holds plain files and directories only")
+        if path.is_file() and relative != MANIFEST:
+            files[relative] = path
+    return files
+
+
+def file_digests(bundle: Path) -> dict:
+    return {name: {"bytes": path.stat().st_size, "sha256": sha256(path)} for name, path in bundle_files(bundle).items()}
+
+
+def check_files(bundle: Path, manifest: dict) -> None:
+    """The bundle holds exactly the files its manifest lists, each with the recorded size and
+    SHA-256; the first that differs is named. Sizes are compared first, so a truncated or
+    grown file costs no hashing (hashing a 0.8B bundle's 600 MB takes about a second)."""
+    bundle = Path(bundle)
+    listed, present = manifest["files"], bundle_files(bundle)
+    unlisted = sorted(set(present) - set(listed))
+    if unlisted:
+        raise QwenMobileError(f"{bundle / unlisted[0]}: not listed in {MANIFEST} (the bundle was changed after export)")
+    artifact = manifest["artifact"]
+    if not any(name == artifact or name.startswith(artifact + "/") for name in listed):
+        raise QwenMobileError(f"{bundle / MANIFEST}: field files: does not list the artifact {artifact!r}")
+    for name, expected in listed.items():
+        if name not in present:
+            raise QwenMobileError(f"{bundle / name}: listed in {MANIFEST} but missing")
+        if present[name].stat().st_size != expected["bytes"]:
+            raise QwenMobileError(
+                f"{bundle / name}: {present[name].stat().st_size} bytes, the manifest records {expected['bytes']}"
+            )
+    for name, expected in listed.items():
+        if sha256(present[name]) != expected["sha256"]:
+            raise QwenMobileError(f"{bundle / name}: its SHA-256 differs from the manifest's (corrupted or modified)")
 
 
 def validate_manifest(manifest: dict, where: Path) -> None:
@@ -95,16 +182,22 @@ def read_manifest(bundle: Path) -> tuple[dict, BackendSpec]:
     backend = manifest["backend"]
     if backend not in specs:
         raise QwenMobileError(f"{path}: backend {backend!r} is not installed; {', '.join(specs) or 'none is'}")
-    artifact = Path(bundle) / specs[backend].artifact
-    if not artifact.exists():  # a file, or a directory such as Core ML's .mlpackage
-        raise QwenMobileError(f"{artifact}: missing from the bundle")
+    if manifest["artifact"] != specs[backend].artifact:
+        raise QwenMobileError(
+            f"{path}: field artifact: {manifest['artifact']!r}, but the {backend} backend writes {specs[backend].artifact!r}"
+        )
+    check_files(bundle, manifest)
     return manifest, specs[backend]
 
 
+def lengths_of(manifest: dict) -> Lengths:
+    return Lengths(max_context=manifest["max_context"], max_chunk=manifest["max_seq_len"])
+
+
 def load_source(bundle: Path, manifest: dict):
-    """For a backend's verifier: the bundle's source checkpoint, loaded, and its quantization
-    plan rebuilt from the manifest (plans are deterministic), after checking that the source
-    still has the config the bundle was exported from."""
+    """For `verify`: the bundle's source checkpoint, loaded, and its quantization plan rebuilt
+    from the manifest (plans are deterministic), after checking that the source still has
+    the config the bundle was exported from."""
     from qwen_mobile.checkpoint import load
     from qwen_mobile.quant.plan import make_plan, scheme_from_manifest
 
@@ -121,11 +214,23 @@ def load_source(bundle: Path, manifest: dict):
 
 
 def verify_bundle(bundle: Path) -> dict:
-    """Re-run the parity gate on the artifact as written; the result says whether it passed."""
+    """`qwen-mobile verify`: the bundle's files against its manifest, then the parity gate again
+    on the artifact as written, through each of its runtimes; the result says whether it passed."""
     manifest, spec = read_manifest(bundle)
-    return spec.load_verifier()(Path(bundle), manifest)
+    return gate_bundle(Path(bundle), manifest, spec)
+
+
+def gate_bundle(bundle: Path, manifest: dict, spec: BackendSpec) -> dict:
+    """The parity gate on the artifact in `bundle` against the bundle's source, without the file
+    checks (verify_bundle does those first)."""
+    from qwen_mobile.parity import gate_artifact, references
+
+    loaded, plan = load_source(bundle, manifest)
+    refs = references(loaded.model, lengths_of(manifest), plan, tokenizer_dir=bundle)
+    return gate_artifact(spec.load(), bundle, manifest, refs)
 
 
 def open_runner(bundle: Path) -> tuple[Runner, dict]:
+    """The bundle's artifact loaded into its backend's first runtime, for `run` and `bench`."""
     manifest, spec = read_manifest(bundle)
-    return spec.load_runner()(Path(bundle), manifest), manifest
+    return spec.load().open(Path(bundle), manifest), manifest

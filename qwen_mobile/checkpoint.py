@@ -122,8 +122,12 @@ def _decoder_name(name: str) -> str | None:
 
 
 def load(model: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Read the checkpoint's decoder weights into a Qwen35 in `dtype`."""
-    checkpoint = open_checkpoint(model)
+    """Read the checkpoint MODEL names (see resolve) into a Qwen35 in `dtype`."""
+    return load_checkpoint(open_checkpoint(model), dtype)
+
+
+def load_checkpoint(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Read an opened checkpoint's decoder weights into a Qwen35 in `dtype`."""
     config = checkpoint.config
     with torch.device("meta"):
         qwen = Qwen35(config)

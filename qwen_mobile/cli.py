@@ -5,20 +5,45 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.progress import DownloadColumn, Progress, TimeRemainingColumn
 from rich.table import Table
 
 from qwen_mobile.errors import QwenMobileError
-from qwen_mobile.registry import DEFAULT_BACKEND
+from qwen_mobile.registry import DEFAULT_BACKEND, discover
+
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+
+class Commands(TyperGroup):
+    """Every command's bad input ends here: one line on stderr naming the file, field or flag,
+    and exit 2. A SIGTERM ends the command like Ctrl-C does, so an export removes its staging
+    directory on the way out."""
+
+    def invoke(self, ctx):
+        signal.signal(signal.SIGTERM, _terminated)
+        try:
+            return super().invoke(ctx)
+        except QwenMobileError as error:
+            err.print(f"[bold red]error:[/] {error}", highlight=False)
+            raise typer.Exit(2) from None
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
+
 
 app = typer.Typer(
+    cls=Commands,
     help="Export Qwen3.5 small models (0.8B-9B) to ExecuTorch, Core ML and TFLite/LiteRT, "
     "quantized and verified on this CPU. MODEL is a checkpoint directory in Hugging Face "
     "layout, a hub id, or omitted for the embedded qwen3.5-tiny.",
@@ -26,8 +51,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console()
-err = Console(stderr=True)
 
 ModelArg = typer.Argument(None, help="Checkpoint directory or hub id [default: the embedded qwen3.5-tiny]")
 # generation options shared by `generate` (eager model) and `run` (a bundle)
@@ -67,13 +90,11 @@ def showing_steps(title: str):
             else:
                 err.print(f"  {step} [dim]{seconds:.1f} s[/]", highlight=False)
 
-        with progress.reporting(listen), quiet_warnings():
+        def notice(message: str) -> None:
+            err.print(f"  [yellow]note:[/] {message}", highlight=False)
+
+        with progress.reporting(listen, notice), quiet_warnings():
             yield
-
-
-def _fail(error: QwenMobileError) -> None:
-    err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -82,10 +103,7 @@ def info(model: Optional[str] = ModelArg, as_json: bool = typer.Option(False, "-
     from qwen_mobile.checkpoint import open_checkpoint
     from qwen_mobile.info import describe
 
-    try:
-        summary = describe(open_checkpoint(model))
-    except QwenMobileError as error:
-        _fail(error)
+    summary = describe(open_checkpoint(model))
     if as_json:
         print(json.dumps(summary, indent=2))
         return
@@ -127,17 +145,14 @@ def generate(
     from qwen_mobile.checkpoint import load, stop_token_ids
     from qwen_mobile.generate import GenerationStats, eager_runner, generate_text, load_tokenizer
 
-    try:
-        loaded = load(model)
-        stats = GenerationStats()
-        pieces = generate_text(
-            eager_runner(loaded.model, max_context), load_tokenizer(loaded.checkpoint.path), prompt, chat=chat,
-            stop_ids=stop_token_ids(loaded.checkpoint), stats=stats, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, seed=seed,
-        )
-        _print_stream(pieces, stats)
-    except QwenMobileError as error:
-        _fail(error)
+    loaded = load(model)
+    stats = GenerationStats()
+    pieces = generate_text(
+        eager_runner(loaded.model, max_context), load_tokenizer(loaded.checkpoint.path), prompt, chat=chat,
+        stop_ids=stop_token_ids(loaded.checkpoint), stats=stats, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, seed=seed, context_flag="--max-context",
+    )
+    _print_stream(pieces, stats)
 
 
 def _print_stream(pieces, stats) -> None:
@@ -149,37 +164,56 @@ def _print_stream(pieces, stats) -> None:
     err.print(stats.summary(), style="dim", highlight=False)
 
 
+def _backend_help() -> str:
+    specs = discover()
+    return "Target runtime: " + "; ".join(f"{name} ({', '.join(spec.quant_schemes)})" for name, spec in specs.items())
+
+
+def _quant_help() -> str:
+    from qwen_mobile.quant.plan import scheme_table
+
+    schemes = "; ".join(f"{name}: {entry['summary']}" for name, entry in scheme_table().items())
+    return f"Quantization scheme [default: the backend's first, as listed under --backend]. {schemes}"
+
+
 @app.command()
 def export(
     model: Optional[str] = ModelArg,
-    backend: str = typer.Option(DEFAULT_BACKEND, "--backend", "-b", help="Target runtime"),
-    quant: Optional[str] = typer.Option(None, "--quant", "-q", help="Quantization scheme [default: the backend's first]"),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Bundle directory [default: MODEL-BACKEND-QUANT]"),
+    backend: str = typer.Option(DEFAULT_BACKEND, "--backend", "-b", help=_backend_help()),
+    quant: Optional[str] = typer.Option(None, "--quant", "-q", help=_quant_help(), show_default=False),
+    out_dir: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Bundle directory to create [default: ./MODEL-BACKEND-QUANT]", show_default=False
+    ),
     group_size: Optional[int] = typer.Option(
-        None, "--group-size", help="Columns per scale for grouped schemes (int4, 8da4w): 32, 64 or 128 [default: 32]"
+        None, "--group-size", help="Columns per scale for grouped schemes (int4, 8da4w): 32, 64 or 128 [default: 32]",
+        show_default=False,
     ),
     embeddings_8bit: bool = typer.Option(
         False, "--embeddings-8bit", help="Keep the embedding and lm_head at 8 bit (per channel) under a 4-bit scheme"
     ),
     max_context: Optional[int] = typer.Option(
-        None, "--max-context", min=2,
-        help="Longest sequence (prompt + output) the artifact holds; sizes the KV caches [default: the backend's own, "
-        "recorded in the manifest]",
+        None, "--max-context", min=2, show_default=False,
+        help="Longest sequence (prompt + output) the artifact holds; sizes the KV caches "
+        "[default: executorch 2048, coreml and tflite 512, within the model's max_position_embeddings]",
+    ),
+    no_gate: bool = typer.Option(
+        False, "--no-gate", help="Write the bundle without running the parity gate; its manifest says it was never "
+        "checked (parity.skipped), and `qwen-mobile verify` runs the gate on it later",
     ),
 ):
     """Write a bundle (artifact, tokenizer, manifest) that the demo apps run unchanged.
 
-    --quant schemes: fp32; fp16; int8 and int4 (weight-only); 8da4w (int4 weights in groups of --group-size columns, int8 dynamic per-token activations); 8da8w (int8 weights, one scale per output channel, int8 dynamic per-token activations). 4-bit schemes quantize the embedding and lm_head too, unless --embeddings-8bit. Each backend lists the schemes it encodes in the error for one it does not.
+    The export checks the artifact as written through its own runtime (the parity gate, see
+    docs/parity.md) and publishes the bundle only if it passes; nothing is left behind otherwise.
+    Only the bundle's path goes to stdout; progress goes to stderr.
 
-    The export runs the parity gate on the artifact as written and leaves nothing behind if it fails."""
+    Examples: `qwen-mobile export` (the embedded model, ExecuTorch fp32);
+    `qwen-mobile export ./Qwen3.5-0.8B -b executorch -q 8da4w`; `qwen-mobile export ./Qwen3.5-0.8B -b coreml -q int4`."""
     from qwen_mobile.export import export_bundle
 
-    try:
-        with showing_steps(f"exporting to {backend}"):
-            bundle = export_bundle(model, backend, quant, out_dir, group_size, embeddings_8bit, max_context)
-    except QwenMobileError as error:
-        _fail(error)
-    out.print(f"wrote {bundle}")
+    with showing_steps(f"exporting to {backend}"):
+        bundle = export_bundle(model, backend, quant, out_dir, group_size, embeddings_8bit, max_context, not no_gate)
+    out.print(str(bundle), highlight=False, soft_wrap=True)
 
 
 BundleArg = typer.Argument(..., help="A bundle directory written by `qwen-mobile export`")
@@ -190,11 +224,8 @@ def verify(bundle: Path = BundleArg, as_json: bool = typer.Option(False, "--json
     """Re-run the parity gate on the artifact as written, through its runtime. Exit 1 if it fails."""
     from qwen_mobile.bundle import verify_bundle
 
-    try:
-        with showing_steps(f"verifying {bundle}"):
-            result = verify_bundle(bundle)
-    except QwenMobileError as error:
-        _fail(error)
+    with showing_steps(f"verifying {bundle}"):
+        result = verify_bundle(bundle)
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -220,17 +251,18 @@ def run(
     from qwen_mobile.bundle import open_runner
     from qwen_mobile.generate import GenerationStats, generate_text, load_tokenizer
 
-    try:
-        with quiet_warnings():
-            runner, manifest = open_runner(bundle)
-        stats = GenerationStats()
-        pieces = generate_text(
-            runner, load_tokenizer(bundle), prompt, chat=chat, stop_ids=tuple(manifest["special_tokens"]["eos"]),
-            stats=stats, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-        )
-        _print_stream(pieces, stats)
-    except QwenMobileError as error:
-        _fail(error)
+    with quiet_warnings():
+        runner, manifest = open_runner(bundle)
+    if manifest["parity"].get("skipped"):
+        err.print(f"[yellow]note:[/] {bundle} was written with --no-gate and never verified "
+                  "(`qwen-mobile verify` checks it)", highlight=False)
+    stats = GenerationStats()
+    pieces = generate_text(
+        runner, load_tokenizer(bundle), prompt, chat=chat, stop_ids=tuple(manifest["special_tokens"]["eos"]),
+        stats=stats, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        context_flag=f"the bundle's max_context ({manifest['max_context']}; re-export with a larger --max-context)",
+    )
+    _print_stream(pieces, stats)
 
 
 @app.command()
@@ -242,14 +274,11 @@ def fixture(
     """A random-weight checkpoint at a real Qwen3.5 shape, for benchmarks and large-shape tests."""
     from qwen_mobile.fixture import shape_config, write_fixture
 
-    try:
-        shape_config(shape)  # a bad --shape is reported before any progress bar appears
-        with Progress(*Progress.get_default_columns()[:-1], DownloadColumn(), TimeRemainingColumn(), console=err) as bar:
-            task = bar.add_task(f"qwen3.5 {shape} fixture", total=None)
-            path = write_fixture(shape, out_dir, seed, lambda done, total: bar.update(task, completed=done, total=total))
-    except QwenMobileError as error:
-        _fail(error)
-    out.print(f"wrote {path}")
+    shape_config(shape)  # a bad --shape is reported before any progress bar appears
+    with Progress(*Progress.get_default_columns()[:-1], DownloadColumn(), TimeRemainingColumn(), console=err) as bar:
+        task = bar.add_task(f"qwen3.5 {shape} fixture", total=None)
+        path = write_fixture(shape, out_dir, seed, lambda done, total: bar.update(task, completed=done, total=total))
+    out.print(str(path), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -259,21 +288,18 @@ def bench(
     runs: int = typer.Option(5, "--runs", min=1, help="Timed runs per figure (after one warm-up); medians are reported"),
 ):
     """Prefill and decode tokens/s, time to first token, peak memory and artifact size, through the
-    backend's CPU runtime (ExecuTorch, LiteRT). Core ML bundles are refused off macOS (the emulator is not a runtime)."""
+    backend's CPU runtime (ExecuTorch, LiteRT). Takes bundles written with --no-gate too. Core ML
+    bundles are refused off macOS (the emulator is not a performance runtime)."""
     from qwen_mobile.bench import bench_bundle
 
-    try:
-        with err.status(f"benchmarking {bundle}"), quiet_warnings():
-            result = bench_bundle(bundle, runs)
-    except QwenMobileError as error:
-        _fail(error)
+    with err.status(f"benchmarking {bundle}"), quiet_warnings():
+        result = bench_bundle(bundle, runs)
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    threads = result["threads"]
+    threads = ", ".join(f"{name} {count}" for name, count in result["threads"].items() if count is not None)
     table = Table(title=f"{bundle}: {result['backend']} {result['quant']} "
-                  f"(median of {result['runs']} after a warm-up; {threads['cpu_cores']} cores, "
-                  f"torch {threads['torch']} / executorch {threads['executorch'] or '-'} threads, "
+                  f"(median of {result['runs']} after a warm-up; threads: {threads}; "
                   f"{result['busy_cores']:.1f} cores busy)", show_header=False)
 
     def rate(figure: dict) -> str:

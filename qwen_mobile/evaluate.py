@@ -7,7 +7,7 @@ from collections import Counter
 
 import torch
 
-from qwen_mobile.models.qwen3_5 import Qwen35, init_state
+from qwen_mobile.models.qwen3_5 import Qwen35
 
 
 @torch.no_grad()
@@ -18,7 +18,7 @@ def perplexity(model: Qwen35, tokens: list[int], window: int = 256) -> float:
         chunk = torch.tensor([tokens[start : start + window + 1]])
         if chunk.shape[1] < 2:
             break
-        logits, _ = model(chunk[:, :-1], torch.tensor([0]), init_state(model.config, window), all_positions=True)
+        logits, _ = model(chunk[:, :-1], torch.tensor([0]), model.init_state(window), all_positions=True)
         total_nll += torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
         count += chunk.shape[1] - 1
     return math.exp(total_nll / count)

@@ -1,18 +1,70 @@
-"""`qwen-mobile export`: pick the backend, load the checkpoint, decide the quantization plan,
-hand all three to the backend's exporter."""
+"""`qwen-mobile export`: the one export flow every backend goes through.
+
+validate the request (backend, scheme, lengths, tokenizer, output path) before any slow
+work -> load -> plan -> the backend's check -> stage -> the backend lowers into the
+staging directory -> tokenizer -> manifest -> the parity gate through each of the
+backend's runtimes -> publish atomically. A backend only lowers and runs
+(qwen_mobile/registry.py: Backend); everything else happens here, once.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from qwen_mobile import progress
-from qwen_mobile.checkpoint import load
+from qwen_mobile.bundle import build_manifest, copy_tokenizer, read_tokenizer_config, write_manifest
+from qwen_mobile.checkpoint import Checkpoint, load_checkpoint, open_checkpoint, stop_token_ids
+from qwen_mobile.config import Qwen35Config
+from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.quant.plan import make_plan, resolve_scheme
-from qwen_mobile.registry import get_backend
+from qwen_mobile.registry import ExportTarget, Lengths, get_backend
+from qwen_mobile.staging import check_target, staged_directory
+
+UNGATED = {"skipped": True, "passed": False,
+           "note": "written with --no-gate: never checked; `qwen-mobile verify` runs the gate on it"}
 
 
-def default_out(source: str, backend: str, quant: str) -> Path:
-    return Path(f"{Path(source).name}-{backend}-{quant}")
+def default_out(checkpoint: Checkpoint, backend: str, quant: str) -> Path:
+    """MODEL-BACKEND-QUANT in the current directory, MODEL being the checkpoint directory's own name."""
+    name = Path(checkpoint.source).name if checkpoint.source != "." else checkpoint.path.resolve().name
+    return Path(f"{name or checkpoint.path.resolve().name}-{backend}-{quant}")
+
+
+def resolve_lengths(defaults: Lengths, config: Qwen35Config, max_context: int | None) -> Lengths:
+    """The backend's default lengths, or --max-context, within what the model's positions allow."""
+    if max_context is None:
+        context = min(defaults.max_context, config.max_position_embeddings)
+    elif max_context < 2:
+        raise QwenMobileError(f"--max-context {max_context}: must be at least 2")
+    elif max_context > config.max_position_embeddings:
+        raise QwenMobileError(
+            f"--max-context {max_context}: the model's positions end at max_position_embeddings "
+            f"{config.max_position_embeddings}"
+        )
+    else:
+        context = max_context
+    return Lengths(max_context=context, max_chunk=min(defaults.max_chunk, context))
+
+
+def special_tokens(checkpoint: Checkpoint, bos_token: str | None) -> dict:
+    """The manifest's special_tokens: the stop ids, and the id of the backend's BOS token if it uses one."""
+    eos = list(stop_token_ids(checkpoint))
+    if not eos:
+        raise QwenMobileError(f"{checkpoint.path}: neither generation_config.json nor config.json names an eos_token_id")
+    return {"bos": None if bos_token is None else token_id(checkpoint.path, bos_token), "eos": eos}
+
+
+def token_id(checkpoint_dir: Path, token: str) -> int:
+    from tokenizers import Tokenizer
+
+    path = checkpoint_dir / "tokenizer.json"
+    try:
+        found = Tokenizer.from_file(str(path)).token_to_id(token)
+    except Exception as error:  # tokenizers raises a bare Exception for a malformed file
+        raise QwenMobileError(f"{path}: cannot be read by tokenizers ({str(error).splitlines()[0]})") from None
+    if found is None:
+        raise QwenMobileError(f"{path}: has no {token} token, which this backend's runner uses as BOS")
+    return found
 
 
 def export_bundle(
@@ -23,16 +75,38 @@ def export_bundle(
     group_size: int | None = None,
     embeddings_8bit: bool = False,
     max_context: int | None = None,
+    gate: bool = True,
 ) -> Path:
-    """Validates the request before any slow work, then runs the backend's exporter,
-    which writes the bundle atomically to `out` and returns its path. `max_context`
-    None keeps the backend's own default."""
+    """Write a bundle for MODEL to `out` (default MODEL-BACKEND-QUANT) and return its path.
+    With gate=False the bundle is written without its parity gate and its manifest says so."""
     spec, quant = get_backend(backend, quant)
     scheme = resolve_scheme(quant, group_size, embeddings_8bit)
+    implementation = spec.load()
+    checkpoint = open_checkpoint(model)
+    tokenizer_config = read_tokenizer_config(checkpoint.path)
+    tokens = special_tokens(checkpoint, implementation.bos_token)
+    lengths = resolve_lengths(implementation.default_lengths, checkpoint.config, max_context)
+    out = check_target(out or default_out(checkpoint, spec.name, quant))
+
     with progress.step("loading the checkpoint"):
-        loaded = load(model)
-    out = out or default_out(loaded.checkpoint.source, backend, quant)
+        loaded = load_checkpoint(checkpoint)
     with progress.step(f"planning {quant} quantization"):
         plan = make_plan(loaded.model, scheme)
-    lengths = {} if max_context is None else {"max_context": max_context}
-    return spec.load_exporter()(loaded, plan=plan, out=out, **lengths)
+    implementation.check(plan, lengths)
+
+    with staged_directory(out) as staging:
+        with progress.step(f"lowering for {spec.name}"):
+            fields = implementation.lower(ExportTarget(loaded.model, plan, lengths, tokens), staging)
+        copy_tokenizer(checkpoint.path, staging)
+        manifest = build_manifest(
+            spec, implementation, checkpoint, plan, lengths, tokens, tokenizer_config.get("chat_template"), fields
+        )
+        if gate:
+            from qwen_mobile.parity import references, require_parity
+
+            refs = references(loaded.model, lengths, plan, tokenizer_dir=checkpoint.path)
+            manifest["parity"] = require_parity(implementation, staging, manifest, refs)
+        else:
+            manifest["parity"] = dict(UNGATED)
+        write_manifest(manifest, staging, out)
+    return out

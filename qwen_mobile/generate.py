@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 import torch
 
 from qwen_mobile.errors import QwenMobileError
-from qwen_mobile.models.qwen3_5 import Qwen35, init_state
+from qwen_mobile.models.qwen3_5 import Qwen35
 from qwen_mobile.registry import Runner
 
 PREFILL_CHUNK = 128
@@ -61,7 +61,7 @@ def eager_runner(model: Qwen35, max_context: int) -> Runner:
 
 def eager_step(model: Qwen35, max_context: int) -> Step:
     """The export-ready model on this CPU, its state kept between calls."""
-    state = init_state(model.config, max_context)
+    state = model.init_state(max_context)
 
     @torch.no_grad()
     def step(tokens: list[int], start: int) -> torch.Tensor:
@@ -83,14 +83,16 @@ def generate_tokens(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    context_flag: str = "max_context",
 ) -> Iterator[int]:
     """Yields new token ids until a stop id (yielded too), max_new_tokens, or a full context.
-    The prompt goes in as prefill chunks of up to max_chunk tokens, then one token per step."""
+    The prompt goes in as prefill chunks of up to max_chunk tokens, then one token per step.
+    `context_flag` names what sets the context, for the error when the prompt does not fit."""
     if not prompt:
         raise QwenMobileError("--prompt is empty")
     if len(prompt) >= max_context:
         raise QwenMobileError(
-            f"--prompt is {len(prompt)} tokens; the context holds {max_context} (raise --max-context)"
+            f"--prompt is {len(prompt)} tokens; the context holds {max_context} (see {context_flag})"
         )
     generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
     for start in range(0, len(prompt), max_chunk):

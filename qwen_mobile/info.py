@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from qwen_mobile.checkpoint import Checkpoint
 from qwen_mobile.config import FULL_ATTENTION, LINEAR_ATTENTION
-from qwen_mobile.models.qwen3_5 import Qwen35, init_state
+from qwen_mobile.models.qwen3_5 import Qwen35, state_tensors
 
 FP32_BYTES, HALF_BYTES = 4, 2
 
@@ -32,14 +34,13 @@ def describe(checkpoint: Checkpoint) -> dict:
     config = checkpoint.config
     with torch.device("meta"):
         model = Qwen35(config)
-        one_token_state = init_state(config, max_context=1)
     sequence_state = 0  # bytes that do not grow with context: conv (fp32 here) + recurrent (fp32)
     kv_per_token = 0
-    for layer_type, (first, second) in zip(config.layer_types, one_token_state):
-        if layer_type == LINEAR_ATTENTION:
-            sequence_state += (first.numel() + second.numel()) * FP32_BYTES
+    for tensor in state_tensors(config, max_context=1):
+        if tensor.layer_type == LINEAR_ATTENTION:
+            sequence_state += math.prod(tensor.shape) * FP32_BYTES
         else:
-            kv_per_token += first.numel() + second.numel()
+            kv_per_token += math.prod(tensor.shape)
     return {
         "source": checkpoint.source,
         "path": str(checkpoint.path),

@@ -1,10 +1,11 @@
-"""The parity gate every backend runs on its artifact as written, against the eager model.
+"""The parity gate every artifact passes as written, through its own runtime, against the eager model.
 
-A backend supplies one function, `run_pass(tokens, spans) -> logits [calls, vocab]`,
-that feeds the artifact token spans from position 0 (one call per span: prefill chunks,
-then single-token decode steps) and returns each call's last-position logits. The gate
-runs that pass twice, so a second sequence started at input_pos 0 must reproduce the
-first, and compares both against the eager model fed identically:
+The core runs it (at export and in `verify`) through each runtime the backend declares:
+the backend's Runner is fed token spans from position 0 (one call per span: prefill
+chunks, then single-token decode steps), each call's last-position logits are kept, and
+the pass runs twice on the same loaded artifact, so a second sequence started at
+input_pos 0 must reproduce the first. Both passes are compared against the eager model
+fed identically, by the gate the plan calls for (`gate_for`):
 
 - float artifacts against the float model: max |diff| <= 1e-3 x the reference logits' std;
 - quantized artifacts against the same plan applied to the eager model (quant.eager):
@@ -21,15 +22,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from qwen_mobile import progress
 from qwen_mobile.corpus import load_corpus, split_corpus
-from qwen_mobile.models.qwen3_5 import Qwen35, init_state
+from qwen_mobile.errors import QwenMobileError
+from qwen_mobile.models.qwen3_5 import Qwen35
 from qwen_mobile.quant.eager import dequantized
 from qwen_mobile.quant.plan import QuantPlan
+from qwen_mobile.registry import Backend, Lengths, Runner
 
 # uneven on purpose: 40 crosses a 32-token kernel chunk into a ragged tail, 7 never fills one
 PREFILL_CHUNKS = (40, 17, 7)
@@ -38,7 +40,6 @@ DECODE_STEPS = 97
 SEED = 0
 
 Spans = list[tuple[int, int]]
-RunPass = Callable[[torch.Tensor, Spans], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,16 @@ QUANTIZED_GATE = Gate(
     "eager model with the same quantization plan", tolerance=None, max_relative_diff=2e-2, min_top1=0.99
 )
 REDUCED_PRECISION_GATE = Gate("float eager model", tolerance=None, max_relative_diff=None, min_top1=0.99)
+
+
+def gate_for(plan: QuantPlan) -> Gate:
+    """Quantized weights: against the same plan in eager. Float weights computed in fp16: top-1
+    against the float model (mean KL reported). Otherwise: the float gate."""
+    if plan.weights:
+        return QUANTIZED_GATE
+    if plan.scheme.compute_dtype == "float16":
+        return REDUCED_PRECISION_GATE
+    return FLOAT_GATE
 
 
 @dataclass
@@ -119,7 +130,7 @@ def sample_tokens(vocab_size: int, length: int) -> torch.Tensor:
 @torch.no_grad()
 def reference_logits(model: Qwen35, tokens: torch.Tensor, spans: Spans, max_context: int) -> torch.Tensor:
     """Eager logits [calls, vocab], fed exactly as the artifact is."""
-    state = init_state(model.config, max_context)
+    state = model.init_state(max_context)
     outputs = []
     for start, end in spans:
         logits, state = model(tokens[:, start:end], torch.tensor([start]), state)
@@ -173,18 +184,12 @@ class References:
         return self.prefill + self.decode
 
 
-def references(
-    model: Qwen35,
-    max_context: int,
-    max_seq_len: int,
-    plan: QuantPlan | None = None,
-    gate: Gate | None = None,
-    tokenizer_dir: Path | None = None,
-) -> References:
+def references(model: Qwen35, lengths: Lengths, plan: QuantPlan, tokenizer_dir: Path | None = None) -> References:
     """The eager logits the gate needs for this plan (see the module doc), feeding the
     held-out text under the tokenizer in `tokenizer_dir` (the checkpoint's, or the bundle's
     copy of it) or, without one, seeded random ids."""
-    prefill, decode = feeding_plan(max_context, max_seq_len)
+    prefill, decode = feeding_plan(lengths.max_context, lengths.max_chunk)
+    max_context = lengths.max_context
     spans = prefill + decode
     needed = spans[-1][1]
     tokens = sample_tokens(model.config.vocab_size, needed) if tokenizer_dir is None else held_out_tokens(
@@ -192,22 +197,27 @@ def references(
     )
     with progress.step(f"eager reference: float model, {len(spans)} calls"):
         float_logits = reference_logits(model, tokens, spans, max_context)
-    quantized = plan is not None and bool(plan.weights)
+    quantized = bool(plan.weights)
     logits = float_logits
     if quantized:
         with progress.step(f"eager reference: {plan.scheme.name} plan, {len(spans)} calls"), dequantized(model, plan):
             logits = reference_logits(model, tokens, spans, max_context)
-    gate = gate or (QUANTIZED_GATE if quantized else FLOAT_GATE)
-    return References(tokens, prefill, decode, float_logits, logits, gate, quantized)
+    return References(tokens, prefill, decode, float_logits, logits, gate_for(plan), quantized)
 
 
-def compare(run_pass: RunPass, refs: References) -> Parity:
-    """Run the artifact's pass twice (the second from input_pos 0 again: the reset) and
-    measure both against the references. Raises only what run_pass raises when the
-    artifact cannot load or run."""
+def run_pass(runner: Runner, tokens: torch.Tensor, spans: Spans) -> torch.Tensor:
+    """The runner fed every span in order from position 0: each call's logits [calls, vocab]."""
+    ids = tokens[0].tolist()
+    return torch.stack([runner.step(ids[start:end], start).reshape(-1).float() for start, end in spans])
+
+
+def compare(runner: Runner, refs: References) -> Parity:
+    """Run the pass twice on the same loaded artifact (the second from input_pos 0 again: the
+    reset) and measure both against the references. Raises only what the runner raises when
+    the artifact cannot run."""
     with progress.step(f"artifact: 2 passes of {len(refs.spans)} calls"):
-        first = run_pass(refs.tokens, refs.spans)
-        second = run_pass(refs.tokens, refs.spans)
+        first = run_pass(runner, refs.tokens, refs.spans)
+        second = run_pass(runner, refs.tokens, refs.spans)
     reference, gate = refs.logits, refs.gate
     max_abs_diff = (torch.cat((first, second)) - reference.repeat(2, 1)).abs().max().item()
     reference_std = reference.std().item()
@@ -233,3 +243,40 @@ def compare(run_pass: RunPass, refs: References) -> Parity:
             if refs.quantized or gate is REDUCED_PRECISION_GATE else None
         ),
     )
+
+
+def gate_artifact(backend: Backend, directory: Path, manifest: dict, refs: References) -> dict:
+    """The gate through every runtime the backend declares, in order, stopping at the first
+    that fails (the artifact is refused either way). Each runtime's loaded artifact is
+    released before the next loads: at the 0.8B shape one LiteRT interpreter holds GiBs.
+
+    Returns the manifest's `parity`: the first runtime's figures at the top level (what
+    `verify` prints), every runtime's under `runtimes`, and `passed` only when every
+    runtime was measured and passed."""
+    results: dict[str, Parity] = {}
+    for runtime in backend.runtimes:
+        with progress.step(f"loading the artifact ({runtime})"):
+            runner = backend.open(directory, manifest, runtime)
+        results[runtime] = compare(runner, refs)
+        del runner
+        if not results[runtime].passed:
+            break
+    first = next(iter(results.values())).to_manifest()
+    return {
+        **first,
+        "passed": list(results) == list(backend.runtimes) and all(p.passed for p in results.values()),
+        "runtimes": {name: parity.to_manifest() for name, parity in results.items()},
+    }
+
+
+def require_parity(backend: Backend, directory: Path, manifest: dict, refs: References) -> dict:
+    """gate_artifact, refusing the artifact with a one-line error naming the runtime that disagrees."""
+    parity = gate_artifact(backend, directory, manifest, refs)
+    for runtime, result in parity["runtimes"].items():
+        if not result["passed"]:
+            summary = Parity(**{k: v for k, v in result.items() if k != "passed"}).summary()
+            raise QwenMobileError(
+                f"{manifest['artifact']}: the {backend.spec.name} runtime ({runtime}) disagrees with the eager "
+                f"model: {summary}"
+            )
+    return parity

@@ -1,5 +1,6 @@
 """Named steps of long work (an export at 0.8B runs for minutes), reported to whoever
-listens: the CLI shows each step as it starts and its duration when it ends. Library
+listens: the CLI shows each step as it starts and its duration when it ends, and any
+notice (something the user should know, such as a stale directory removed). Library
 callers that install no listener hear nothing."""
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from typing import Callable, Iterator
 
 # (step, seconds): seconds is None when the step starts, its duration when it ends
 Listener = Callable[[str, "float | None"], None]
+NoticeListener = Callable[[str], None]
 
 _listeners: list[Listener] = []
+_notice_listeners: list[NoticeListener] = []
 
 
 @contextlib.contextmanager
@@ -24,10 +27,19 @@ def step(name: str) -> Iterator[None]:
         listener(name, time.perf_counter() - start)
 
 
+def notice(message: str) -> None:
+    for listener in _notice_listeners:
+        listener(message)
+
+
 @contextlib.contextmanager
-def reporting(listener: Listener) -> Iterator[None]:
+def reporting(listener: Listener, notices: NoticeListener | None = None) -> Iterator[None]:
     _listeners.append(listener)
+    if notices is not None:
+        _notice_listeners.append(notices)
     try:
         yield
     finally:
         _listeners.remove(listener)
+        if notices is not None:
+            _notice_listeners.remove(notices)

@@ -1,13 +1,25 @@
-"""Finds the backends installed under `qwen_mobile.backends` without importing their runtimes."""
+"""The seam between the core and its backends, and how the core finds them.
+
+A backend is a folder under `backends/` (installed as `qwen_mobile.backends.<name>`). Its
+`__init__.py` declares `BACKEND = BackendSpec(...)` and imports nothing heavy; the spec
+names the class implementing `Backend`, imported only when an export, verify, run or
+bench needs it. The core drives every flow (qwen_mobile/export.py, qwen_mobile/bundle.py,
+qwen_mobile/bench.py): a backend only lowers a model to files and runs them.
+backends/README.md walks through writing one.
+"""
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from qwen_mobile.errors import QwenMobileError
+
+if TYPE_CHECKING:  # the CLI imports this module; torch loads only when a command needs it
+    import torch
 
 DEFAULT_BACKEND = "executorch"
 
@@ -18,12 +30,9 @@ class BackendSpec:
 
     name: str  # the --backend value
     summary: str  # one line for --help and error messages
-    artifact: str  # the artifact's file name inside a bundle
+    artifact: str  # the artifact's file (or directory) name inside a bundle
     quant_schemes: tuple[str, ...]  # the --quant values it encodes; the first is the default
-    # "module:function" entry points, imported only when used:
-    exporter: str  # (loaded: LoadedModel, plan: QuantPlan, out, max_context=...) -> bundle Path; encodes the plan as it is
-    verifier: str  # (bundle Path, manifest dict) -> parity dict with "passed", on the artifact as written
-    runner: str  # (bundle Path, manifest dict) -> Runner, through the backend's runtime on this CPU
+    implementation: str  # "module:Class" implementing Backend, imported only when used
 
     def require_scheme(self, quant: str) -> None:
         """A --quant this backend does not encode is a one-line error naming what it does."""
@@ -33,14 +42,17 @@ class BackendSpec:
                 f"it supports {', '.join(self.quant_schemes)}"
             )
 
-    def load_exporter(self) -> Callable:
-        return _entry_point(self.exporter)
+    def load(self) -> "Backend":
+        module_name, _, name = self.implementation.partition(":")
+        return getattr(importlib.import_module(module_name), name)(self)
 
-    def load_verifier(self) -> Callable:
-        return _entry_point(self.verifier)
 
-    def load_runner(self) -> Callable:
-        return _entry_point(self.runner)
+@dataclass(frozen=True)
+class Lengths:
+    """The sequence lengths an artifact is built for."""
+
+    max_context: int  # the longest sequence (prompt + output): KV cache slots
+    max_chunk: int  # the most tokens one call takes (prefill chunk; the manifest's max_seq_len)
 
 
 @dataclass
@@ -52,9 +64,64 @@ class Runner:
     max_chunk: int  # the most tokens one step takes
 
 
-def _entry_point(spec: str) -> Callable:
-    module_name, _, function = spec.partition(":")
-    return getattr(importlib.import_module(module_name), function)
+@dataclass
+class ExportTarget:
+    """Everything a backend's `lower` is given: the core has validated, loaded and planned it."""
+
+    model: torch.nn.Module  # Qwen35, float32, eval mode
+    plan: object  # qwen_mobile.quant.plan.QuantPlan: encode it as it is, never re-round
+    lengths: Lengths
+    special_tokens: dict  # {"bos": id or None, "eos": [ids]} as the manifest records them
+
+
+class Backend:
+    """What a backend implements. The defaults suit a backend that needs nothing special.
+
+    Lifecycle, all driven by the core:
+      export: check(plan, lengths) before any slow work -> lower(target, directory) writes the
+              artifact -> the core gates it through open(directory, manifest, runtime) for every
+              runtime in `runtimes` -> the core writes tokenizer and manifest, publishes atomically.
+      verify: the core re-runs the gate through open(...) on the bundle as written.
+      run / bench: open(bundle, manifest) with the first runtime.
+    """
+
+    # the runtime configurations a bundle is gated on (every one must pass); the first serves run and bench
+    runtimes: tuple[str, ...] = ("default",)
+    default_lengths = Lengths(max_context=2048, max_chunk=128)
+    # the token the backend's runner uses as BOS, or None (the manifest's special_tokens.bos)
+    bos_token: str | None = None
+    # packages whose versions made the artifact (the manifest's `tools`)
+    tools: tuple[str, ...] = ()
+
+    def __init__(self, spec: BackendSpec):
+        self.spec = spec
+
+    def check(self, plan, lengths: Lengths) -> None:
+        """Refuse, with a one-line error naming the weight or length, what this backend cannot
+        encode. Runs before loading finishes anything slow."""
+
+    def lower(self, target: ExportTarget, directory: Path) -> dict:
+        """Write the artifact (and any extra files) into `directory`; return the manifest fields
+        this backend adds (at least `methods`; see schemas/manifest.schema.json)."""
+        raise NotImplementedError
+
+    def stored_state(self, tensor, plan) -> list[dict]:
+        """How the artifact made for `plan` stores one state tensor (a qwen_mobile.models.qwen3_5.StateTensor):
+        [{"name", "shape", "dtype"}], for the manifest's `state`. Default: as the core lays it out."""
+        return [{"name": tensor.name, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}]
+
+    def open(self, bundle: Path, manifest: dict, runtime: str | None = None) -> Runner:
+        """The artifact in `bundle`, loaded into `runtime` (one of `runtimes`; None: the first),
+        ready to step from position 0. Raise QwenMobileError if it cannot load."""
+        raise NotImplementedError
+
+    def bench_refusal(self) -> str | None:
+        """Why `bench` cannot time this backend's bundles on this machine, or None."""
+        return None
+
+    def thread_counts(self) -> dict:
+        """The runtime's own thread settings, for `bench` to report."""
+        return {}
 
 
 def discover() -> dict[str, BackendSpec]:

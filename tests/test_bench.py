@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from importlib.metadata import version
 import shutil
 import statistics
 from pathlib import Path
@@ -52,8 +53,8 @@ def test_bench_json_fields_exist_and_are_positive(tiny_bundle):
     assert report["peak_rss_bytes"] >= report["rss_before_load_bytes"]
     assert report["artifact_bytes"] == (tiny_bundle / "model.pte").stat().st_size
     assert report["threads"]["torch"] >= 1 and report["threads"]["executorch"] >= 1
-    assert report["backend"] == "executorch" and report["quant"] == "fp32"
-    assert report["runtime"] == {"package": "executorch", "version": bench.package_version("executorch")}
+    assert report["backend"] == "executorch" and report["quant"] == "fp32" and report["gated"] is True
+    assert report["tools"]["executorch"] == version("executorch")
 
 
 def test_bench_table_states_runs_and_threads(tiny_bundle):
@@ -106,16 +107,19 @@ def test_runs_below_one_are_refused():
 
 def test_coreml_bundle_is_refused_off_macos(tiny_bundle, tmp_path, monkeypatch):
     """A bundle whose manifest names Core ML: refused before anything is loaded, one line, non-zero exit."""
+    from qwen_mobile.backends.coreml.backend import EMULATOR_REFUSAL
+    from qwen_mobile.bundle import file_digests
+
     monkeypatch.setenv("QWEN_MOBILE_COREML_EMULATOR", "1")  # the emulator, as on Linux, on any OS
     bundle = tmp_path / "coreml-bundle"
-    bundle.mkdir()
+    (bundle / "model.mlpackage").mkdir(parents=True)
+    (bundle / "model.mlpackage" / "Manifest.json").write_text("{}")
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
-    manifest.update(backend="coreml", artifact="model.mlpackage")
+    manifest.update(backend="coreml", artifact="model.mlpackage", files=file_digests(bundle))
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    (bundle / "model.mlpackage").mkdir()
     result = cli.invoke(app, ["bench", str(bundle), "--json"])
-    assert result.exit_code != 0
-    assert bench.COREML_REFUSAL in result.output
+    assert result.exit_code == 2
+    assert EMULATOR_REFUSAL in result.output
     assert len(result.output.strip().splitlines()) == 1
 
 

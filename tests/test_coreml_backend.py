@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qwen_mobile.backends.coreml import emulator, lower, runtime, verify
-from qwen_mobile.bundle import validate_manifest
+from qwen_mobile.backends.coreml import BACKEND, emulator, lower, runtime
+from qwen_mobile.bundle import gate_bundle, validate_manifest
 from qwen_mobile.checkpoint import load, stop_token_ids
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.export import export_bundle
@@ -40,6 +40,12 @@ def manifest(exported) -> dict:
 
 
 @pytest.fixture(scope="module")
+def remeasured(exported, manifest) -> dict:
+    """The gate run again on the package as written (what `verify` does after the file checks)."""
+    return gate_bundle(exported, manifest, BACKEND)
+
+
+@pytest.fixture(scope="module")
 def spec(exported):
     from coremltools.proto import Model_pb2
 
@@ -57,20 +63,23 @@ def test_the_bundle_holds_every_file_and_describes_the_program(exported, manifes
     assert manifest["backend"] == "coreml" and manifest["artifact"] == "model.mlpackage"
     assert manifest["quant"] == {"scheme": "fp32", "compute_dtype": "float32"}
     assert manifest["special_tokens"]["eos"] == list(stop_token_ids(checkpoint))
-    assert manifest["max_context"] == lower.DEFAULT_MAX_CONTEXT and manifest["max_seq_len"] == lower.DEFAULT_PREFILL_CHUNK
+    defaults = BACKEND.load().default_lengths
+    assert manifest["max_context"] == defaults.max_context and manifest["max_seq_len"] == defaults.max_chunk
     methods = manifest["methods"]
     assert set(methods) == {"prefill", "decode"}
     assert [i["name"] for i in methods["prefill"]["inputs"]] == ["tokens", "input_pos", "length"]
     assert methods["decode"]["inputs"][0]["shape"] == [1, 1]
     assert methods["decode"]["outputs"] == [{"name": "logits", "dtype": "float32", "shape": [1, config.vocab_size]}]
     # fp32 compute: every state kept at fp32 precision as an fp16 hi/lo pair (Core ML states are fp16)
-    recurrent = manifest["state"]["linear_attention"]["buffers"]
-    assert set(recurrent) == {"conv_state_hi", "conv_state_lo", "recurrent_state_hi", "recurrent_state_lo"}
-    assert recurrent["recurrent_state_hi"]["shape"] == [1, config.linear_num_value_heads, config.linear_key_head_dim,
-                                                        config.linear_value_head_dim]
+    layer0 = {entry["name"]: entry for entry in manifest["state"] if entry["layer"] == 0}
+    assert set(layer0) == {"layer0_conv_state_hi", "layer0_conv_state_lo", "layer0_recurrent_state_hi",
+                           "layer0_recurrent_state_lo"}
+    assert layer0["layer0_recurrent_state_hi"]["shape"] == [1, config.linear_num_value_heads, config.linear_key_head_dim,
+                                                            config.linear_value_head_dim]
+    assert {entry["dtype"] for entry in manifest["state"]} == {"float16"}
     assert manifest["precision"]["fp32_precision_states"] == ["conv_state", "key_cache", "recurrent_state", "value_cache"]
     assert {"read_state", "write_state", "matmul", "cumsum"} <= set(manifest["operations"]["prefill"])
-    assert manifest["parity"]["passed"] and manifest["parity"]["runtime"] == "emulator"
+    assert list(manifest["parity"]["runtimes"]) == ["emulator"]
     validate_manifest(manifest, exported / "manifest.json")
 
 
@@ -107,8 +116,9 @@ def test_weights_are_shared_by_the_two_functions(exported, loaded):
     assert weights < 1.3 * 4 * parameters  # one fp32 copy, not two
 
 
-def test_the_emulated_program_matches_eager_within_the_fp32_gate(manifest):
-    parity = manifest["parity"]
+def test_the_emulated_program_matches_eager_within_the_fp32_gate(remeasured):
+    parity = remeasured
+    assert parity["passed"] and list(parity["runtimes"]) == ["emulator"]
     assert parity["tokens_fed"] >= 64 and parity["decode_steps"] >= 16
     assert parity["prefill_chunks"] == [32, 8, 17, 7]  # ragged tails, masked inside the fixed chunk
     assert parity["ratio_to_std"] <= 1e-3 and parity["reset_max_abs_diff"] <= parity["reset_allowed"]
@@ -134,20 +144,15 @@ def test_a_corrupted_or_truncated_package_fails(exported, loaded, manifest, tmp_
 
     monkeypatch.setattr(parity, "PREFILL_CHUNKS", (7,))
     monkeypatch.setattr(parity, "DECODE_STEPS", 3)
-    flipped = tmp_path / "flipped.mlpackage"
-    shutil.copytree(exported / "model.mlpackage", flipped)
-    blob = flipped / emulator.WEIGHTS_DIR / "weight.bin"
+    flipped = tmp_path / "flipped"
+    shutil.copytree(exported, flipped)
+    blob = flipped / "model.mlpackage" / emulator.WEIGHTS_DIR / "weight.bin"
     data = bytearray(blob.read_bytes())
     middle = len(data) // 2
     data[middle : middle + 4096] = bytes(b ^ 0xFF for b in data[middle : middle + 4096])
     blob.write_bytes(bytes(data))
-    from qwen_mobile.quant.plan import make_plan, resolve_scheme
-
-    fp32 = make_plan(loaded.model, resolve_scheme("fp32"))
     try:
-        failed = not verify.measure(
-            flipped, loaded.model, manifest["max_context"], manifest["max_seq_len"], fp32, exported
-        ).passed
+        failed = not gate_bundle(flipped, manifest, BACKEND)["passed"]  # the gate alone, no digests
     except QwenMobileError:
         failed = True
     assert failed
@@ -174,7 +179,7 @@ def test_verify_command_passes_the_bundle_and_fails_a_corrupted_copy(exported, t
     spec = corrupted / "model.mlpackage" / emulator.SPEC
     spec.write_bytes(spec.read_bytes()[:1000])
     failed = CliRunner().invoke(app, ["verify", str(corrupted), "--json"])
-    assert failed.exit_code != 0
+    assert failed.exit_code == 2 and "model.mlmodel: 1000 bytes, the manifest records" in failed.stderr
 
 
 def test_run_command_streams_what_the_eager_model_generates(exported):
@@ -195,7 +200,7 @@ def test_a_failing_gate_leaves_no_bundle(exported, tmp_path, monkeypatch):
 
     def copy_package(model, plan, out, *args):
         shutil.copytree(exported / "model.mlpackage", out)
-        return lower.Lowered()
+        return lower.Lowered(encoded={"prefill": {}, "decode": {}})
 
     monkeypatch.setattr(lower, "lower", copy_package)  # the real conversion already ran in `exported`
     monkeypatch.setattr(parity, "PREFILL_CHUNKS", (7,))
@@ -214,11 +219,5 @@ def test_schemes_it_cannot_encode_are_refused_by_name():
 
 
 @pytest.mark.skipif(sys.platform != "darwin", reason="Core ML runs only on Apple systems")
-def test_core_ml_itself_agrees_on_macos(exported, loaded, manifest):
-    from qwen_mobile.quant.plan import make_plan, resolve_scheme
-
-    session = runtime.CoreMLSession(exported / "model.mlpackage")
-    assert session.runtime == "coreml"
-    fp32 = make_plan(loaded.model, resolve_scheme("fp32"))
-    assert verify.measure(exported / "model.mlpackage", loaded.model, manifest["max_context"],
-                          manifest["max_seq_len"], fp32, exported).passed
+def test_core_ml_itself_agrees_on_macos(remeasured):
+    assert list(remeasured["runtimes"]) == ["coreml"] and remeasured["passed"]

@@ -12,15 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen_mobile.backends.executorch import lower, rewrites, runtime, verify
+from qwen_mobile.backends.executorch import BACKEND, lower, rewrites, runtime, swaps
 from qwen_mobile import parity
-from qwen_mobile.bundle import TOKENIZER_FILES, validate_manifest
+from qwen_mobile.bundle import TOKENIZER_FILES, gate_bundle, validate_manifest
 from qwen_mobile.checkpoint import load, stop_token_ids
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.export import export_bundle
 from qwen_mobile.generate import eager_step, generate_tokens, load_tokenizer
 from qwen_mobile.ops.gated_delta_rule import recurrent_gated_delta_rule
-from qwen_mobile.quant.plan import QuantPlan, resolve_scheme
 
 PROMPT = "ROMEO:\nWhat light"
 
@@ -61,7 +60,7 @@ def test_the_native_adapter_matches_our_op_contract():
         beta = torch.rand(1, length, 6, generator=generator)
         state = torch.randn(1, 6, 16, 8, generator=generator)
         expected_out, expected_state = recurrent_gated_delta_rule(q, k, v, g, beta, state)
-        out, final = lower.native_gated_delta_rule(q, k, v, g, beta, state)
+        out, final = swaps.native_gated_delta_rule(q, k, v, g, beta, state)
         torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(final, expected_state, atol=1e-5, rtol=1e-4)
 
@@ -71,7 +70,9 @@ def test_the_bundle_holds_every_file_and_describes_the_program(exported, manifes
     checkpoint = loaded.checkpoint
     for name in TOKENIZER_FILES:
         assert (exported / name).read_bytes() == (checkpoint.path / name).read_bytes()
-    assert manifest["format_version"] == 1 and manifest["backend"] == "executorch"
+    assert sorted(manifest["files"]) == ["model.pte", *TOKENIZER_FILES]
+    assert manifest["files"]["model.pte"]["bytes"] == (exported / "model.pte").stat().st_size
+    assert manifest["format_version"] == 2 and manifest["backend"] == "executorch"
     assert manifest["artifact"] == "model.pte" and manifest["quant"] == {"scheme": "fp32", "compute_dtype": "float32"}
     assert manifest["source"]["config_hash"] == checkpoint.config_hash
     assert manifest["max_context"] == min(2048, checkpoint.config.max_position_embeddings)
@@ -81,22 +82,19 @@ def test_the_bundle_holds_every_file_and_describes_the_program(exported, manifes
     assert methods["forward"]["outputs"] == [{"name": "logits", "dtype": "float32", "shape": [1, checkpoint.config.vocab_size]}]
     assert methods["get_vocab_size"]["outputs"] == [{"value": checkpoint.config.vocab_size}]
     assert methods["get_eos_ids"]["outputs"] == [{"value": list(stop_token_ids(checkpoint))}]
-    recurrent = manifest["state"]["linear_attention"]["buffers"]["recurrent_state"]
-    assert recurrent["dtype"] == "float32"
+    state = {entry["name"]: entry for entry in manifest["state"]}
+    assert state["layer0_recurrent_state"]["dtype"] == "float32"
     config = checkpoint.config  # KV caches in llama::update_cache's layout [1, context, kv_heads, head_dim]
-    assert manifest["state"]["full_attention"]["buffers"]["key_cache"]["shape"] == [
-        1, manifest["max_context"], config.num_key_value_heads, config.head_dim
-    ]
-    assert manifest["parity"]["passed"] and manifest["parity"]["ratio_to_std"] <= parity.FLOAT_GATE.tolerance
+    assert state["layer3_key_cache"]["shape"] == [1, manifest["max_context"], config.num_key_value_heads, config.head_dim]
     validate_manifest(manifest, exported / "manifest.json")  # the documented schema
 
 
-def test_the_runtime_matches_eager_within_the_gate(exported, manifest, loaded):
-    result = measure(exported, loaded.model, manifest)
-    assert result.tokens_fed >= 64 and len(result.prefill_chunks) >= 2 and result.decode_steps >= 16
-    assert result.max_abs_diff <= parity.FLOAT_GATE.tolerance * result.reference_std
-    assert result.top1_agreement >= 0.95
-    assert result.passed
+def test_the_runtime_matches_eager_within_the_gate(exported, manifest):
+    result = gate_bundle(exported, manifest, BACKEND)  # measured again, on the file as written
+    assert result["tokens_fed"] >= 64 and len(result["prefill_chunks"]) >= 2 and result["decode_steps"] >= 16
+    assert result["max_abs_diff"] <= parity.FLOAT_GATE.tolerance * result["reference_std"]
+    assert result["top1_agreement"] >= 0.95
+    assert result["passed"] and list(result["runtimes"]) == ["executorch"]
 
 
 def test_the_written_program_calls_the_native_kernels_and_not_ours(exported):
@@ -214,10 +212,10 @@ def test_input_pos_0_starts_a_new_sequence_on_the_same_method(exported, manifest
     vocab = loaded.checkpoint.config.vocab_size
     first_tokens = parity.sample_tokens(vocab, plan[-1][1])
     other_tokens = (first_tokens * 7 + 3) % vocab
-    method = runtime.load_forward(exported / "model.pte")
-    first = verify.runtime_logits(method, first_tokens, plan)
-    verify.runtime_logits(method, other_tokens, plan)
-    again = verify.runtime_logits(method, first_tokens, plan)
+    runner = BACKEND.load().open(exported, manifest)
+    first = parity.run_pass(runner, first_tokens, plan)
+    parity.run_pass(runner, other_tokens, plan)
+    again = parity.run_pass(runner, first_tokens, plan)
     assert torch.equal(again, first)
 
 
@@ -252,28 +250,24 @@ def test_executorchs_own_llm_runner_drives_the_bundle(exported, manifest, loaded
     assert "".join(pieces) == tokenizer.decode(list(expected))
 
 
-def measure(bundle_dir: Path, model, manifest, pte: Path | None = None) -> parity.Parity:
-    float_plan = QuantPlan(resolve_scheme("fp32"), {})
-    return verify.measure(pte or bundle_dir / "model.pte", model, *lengths(manifest), float_plan, bundle_dir)
-
-
-def gate_fails(pte: Path, model, manifest, bundle_dir: Path) -> bool:
+def gate_fails_on(exported: Path, manifest: dict, program: bytes, where: Path) -> bool:
+    """The gate alone (no file digests) on a copy of the bundle holding `program`."""
+    shutil.copytree(exported, where)
+    (where / "model.pte").write_bytes(program)
     try:
-        return not measure(bundle_dir, model, manifest, pte).passed
+        return not gate_bundle(where, manifest, BACKEND)["passed"]
     except QwenMobileError:
         return True
 
 
-def test_a_corrupted_or_truncated_program_fails_verification(exported, manifest, loaded, tmp_path):
+def test_the_gate_itself_refuses_a_corrupted_or_truncated_program(exported, manifest, tmp_path):
     data = (exported / "model.pte").read_bytes()
     middle = len(data) // 2
     flipped = data[:middle] + bytes(b ^ 0xFF for b in data[middle : middle + 4096]) + data[middle + 4096 :]
-    (tmp_path / "flipped.pte").write_bytes(flipped)
-    (tmp_path / "truncated.pte").write_bytes(data[:middle])
-    assert gate_fails(tmp_path / "flipped.pte", loaded.model, manifest, exported)
-    assert gate_fails(tmp_path / "truncated.pte", loaded.model, manifest, exported)
+    assert gate_fails_on(exported, manifest, flipped, tmp_path / "flipped")
+    assert gate_fails_on(exported, manifest, data[:middle], tmp_path / "truncated")
     with pytest.raises(QwenMobileError, match="cannot load"):
-        runtime.load_forward(tmp_path / "truncated.pte")
+        runtime.load_forward(tmp_path / "truncated" / "model.pte")
 
 
 def test_an_existing_directory_is_refused(source, tmp_path):
@@ -300,7 +294,7 @@ def test_int4_weight_only_is_refused_with_what_is_supported():
         export_bundle(None, "executorch", "int4", Path("unused"))
 
 
-def test_verify_command_passes_the_bundle_and_fails_a_corrupted_copy(exported, tmp_path):
+def test_verify_command_passes_the_bundle_and_refuses_a_corrupted_copy_by_name(exported, tmp_path):
     from typer.testing import CliRunner
 
     from qwen_mobile.cli import app
@@ -312,11 +306,10 @@ def test_verify_command_passes_the_bundle_and_fails_a_corrupted_copy(exported, t
     corrupted = tmp_path / "corrupted"
     shutil.copytree(exported, corrupted)
     data = bytearray((corrupted / "model.pte").read_bytes())
-    middle = len(data) // 2
-    data[middle : middle + 4096] = bytes(b ^ 0xFF for b in data[middle : middle + 4096])
+    data[len(data) // 2] ^= 0x01  # one low-order bit: the gate alone would not see it
     (corrupted / "model.pte").write_bytes(bytes(data))
     failed = CliRunner().invoke(app, ["verify", str(corrupted), "--json"])
-    assert failed.exit_code != 0
+    assert failed.exit_code == 2 and "model.pte: its SHA-256 differs" in failed.stderr
 
 
 def test_run_command_streams_what_the_eager_model_generates(exported):
@@ -330,10 +323,13 @@ def test_run_command_streams_what_the_eager_model_generates(exported):
     assert through_runtime.stdout == eager.stdout and through_runtime.stdout.strip()
 
 
-def test_tracing_with_native_attention_leaves_the_eager_model_alone(loaded):
-    from qwen_mobile.models.qwen3_5 import GatedAttention
+def test_the_module_swaps_are_undone_after_tracing(loaded):
+    from qwen_mobile.models.qwen3_5 import CacheAttention, GatedAttention
+    from qwen_mobile.swaps import swapped
 
     layers = [m for m in loaded.model.modules() if isinstance(m, GatedAttention)]
-    with lower.native_attention(loaded.model):
-        assert all("attend" in layer.__dict__ for layer in layers)
-    assert not any("attend" in layer.__dict__ for layer in layers)
+    originals = [layer.cache_attention for layer in layers]
+    with swapped(loaded.model, swaps.MODULE_SWAPS):
+        assert all(isinstance(layer.cache_attention, swaps.NativeCacheAttention) for layer in layers)
+    assert [layer.cache_attention for layer in layers] == originals
+    assert all(type(layer.cache_attention) is CacheAttention for layer in layers)

@@ -9,7 +9,7 @@ from qwen_mobile.checkpoint import load
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.fixture import SHAPES_DIR, shapes, write_fixture
 from qwen_mobile.info import describe
-from qwen_mobile.models.qwen3_5 import init_state
+
 
 
 def test_all_four_shapes_are_shipped():
@@ -25,7 +25,7 @@ def test_0_8b_fixture_loads_runs_and_has_the_real_size(tmp_path):
     assert 0.70e9 < params < 0.80e9  # the 0.8B's text decoder with its tied 248k x 1024 embedding
     with torch.no_grad():
         logits, _ = loaded.model(
-            torch.tensor([[1, 2, 3]]), torch.tensor([0]), init_state(loaded.model.config, 8, dtype=torch.bfloat16)
+            torch.tensor([[1, 2, 3]]), torch.tensor([0]), loaded.model.init_state(8, dtype=torch.bfloat16)
         )
     assert logits.shape == (1, 248320) and torch.isfinite(logits).all()
 

@@ -25,3 +25,11 @@ def test_steps_outside_reporting_reach_no_listener():
     with progress.step("after"):
         pass
     assert heard == []
+
+
+def test_notices_reach_their_listener_only_while_reporting():
+    heard = []
+    with progress.reporting(lambda step, seconds: None, heard.append):
+        progress.notice("removed a stale directory")
+    progress.notice("unheard")
+    assert heard == ["removed a stale directory"]

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from qwen_mobile.checkpoint import load
 from qwen_mobile.errors import QwenMobileError
-from qwen_mobile.models.qwen3_5 import init_state
+
 from qwen_mobile.parity import mean_kl, relative_diff
 from qwen_mobile.quant.eager import dequantized, quantize_per_token
 from qwen_mobile.quant.plan import (
@@ -95,7 +95,7 @@ def test_the_eager_reference_uses_the_plan_and_gives_the_float_weights_back(mode
 
     def logits():
         with torch.no_grad():
-            return model(tokens, torch.tensor([0]), init_state(model.config, 64), all_positions=True)[0][0]
+            return model(tokens, torch.tensor([0]), model.init_state(64), all_positions=True)[0][0]
 
     reference = logits()
     with dequantized(model, plan):

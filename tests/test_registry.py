@@ -1,95 +1,101 @@
 """The backend registry: backends are found by folder, and the core never imports their runtimes."""
 
+import importlib
 import json
+import shutil
 import subprocess
 import sys
-import textwrap
+import zipfile
+from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 import qwen_mobile.backends
-from qwen_mobile.bundle import open_runner, verify_bundle
+import qwen_mobile.cli
+from qwen_mobile.bundle import verify_bundle
+from qwen_mobile.cli import app
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.export import export_bundle
-from qwen_mobile.generate import generate_tokens
 from qwen_mobile.registry import discover, get_backend
 
 HEAVY_RUNTIMES = ("executorch", "coremltools", "litert_torch", "ai_edge_litert")
 
 
+TOY_BACKEND = Path(__file__).resolve().parent / "toy_backend"
+cli = CliRunner()
+
+
 @pytest.fixture
-def fake_backend(tmp_path, monkeypatch):
-    """A backend folder dropped beside the real ones, touching no core file."""
-    package = tmp_path / "fakert"
-    package.mkdir()
-    (package / "__init__.py").write_text(textwrap.dedent("""
-        from qwen_mobile.registry import BackendSpec
-
-        BACKEND = BackendSpec(
-            name="fakert", summary="a test runtime", artifact="model.fake",
-            quant_schemes=("fp32", "int8"), exporter="qwen_mobile.backends.fakert.lower:export",
-            verifier="qwen_mobile.backends.fakert.lower:verify", runner="qwen_mobile.backends.fakert.lower:run",
-        )
-    """))
-    (package / "lower.py").write_text(textwrap.dedent("""
-        import json
-
-        import torch
-
-        from qwen_mobile.registry import Runner
-
-        def export(loaded, plan, out):
-            out.mkdir()
-            (out / "model.fake").write_text(f"{loaded.checkpoint.source} {plan.scheme.name}")
-            manifest = {
-                "format_version": 1, "backend": "fakert", "artifact": "model.fake", "quant": plan.to_manifest(),
-                "source": {"checkpoint": loaded.checkpoint.source, "config_hash": loaded.checkpoint.config_hash},
-                "vocab_size": 9, "max_context": 8, "special_tokens": {"eos": [0]}, "chat_template": None,
-                "methods": {"forward": {"inputs": [], "outputs": []}}, "state": {},
-                "parity": {"passed": True, "tolerance": 0.0}, "tools": {},
-            }
-            (out / "manifest.json").write_text(json.dumps(manifest))
-            return out
-
-        def verify(bundle, manifest):
-            return {"passed": (bundle / "model.fake").read_text().endswith(manifest["quant"]["scheme"])}
-
-        def run(bundle, manifest):
-            return Runner(lambda tokens, start: torch.nn.functional.one_hot(torch.tensor(start + len(tokens)), 9).float(),
-                          max_context=8, max_chunk=4)
-    """))
-    monkeypatch.setattr(qwen_mobile.backends, "__path__", [*qwen_mobile.backends.__path__, str(tmp_path)])
-    yield "fakert"
-    for name in [m for m in sys.modules if m.startswith("qwen_mobile.backends.fakert")]:
+def toy_backend(tmp_path, monkeypatch):
+    """tests/toy_backend copied to a temporary folder as backends/toyrt, found beside the real
+    backends: no file outside the folder changes."""
+    shutil.copytree(TOY_BACKEND, tmp_path / "plugins" / "toyrt")
+    monkeypatch.setattr(qwen_mobile.backends, "__path__", [*qwen_mobile.backends.__path__, str(tmp_path / "plugins")])
+    yield "toyrt"
+    for name in [m for m in sys.modules if m.startswith("qwen_mobile.backends.toyrt")]:
         del sys.modules[name]
+    importlib.reload(qwen_mobile.cli)  # its --help lists the backends installed when it was imported
 
 
-def test_a_new_backend_folder_is_found_and_exports(fake_backend, tmp_path):
-    assert fake_backend in discover()
-    bundle = export_bundle(None, fake_backend, None, tmp_path / "bundle")
-    assert (bundle / "model.fake").read_text() == "qwen3.5-tiny fp32"
+def test_a_fourth_backend_exports_verifies_and_runs_through_the_cli(toy_backend, tmp_path):
+    assert toy_backend in discover()
+    help_text = cli.invoke(importlib.reload(qwen_mobile.cli).app, ["export", "--help"], env={"COLUMNS": "300"}).stdout
+    assert "toyrt (fp32, int8)" in help_text
+    bundle = tmp_path / "bundle"
+    exported = cli.invoke(app, ["export", "--backend", "toyrt", "--quant", "int8", "--out", str(bundle)])
+    assert exported.exit_code == 0, exported.output
+    assert exported.stdout.strip() == str(bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == ["model.pt", "tokenizer.json", "tokenizer_config.json"]
+    assert manifest["max_context"] == 256 and manifest["max_seq_len"] == 16  # the backend's default lengths
+    assert manifest["parity"]["reference"] == "eager model with the same quantization plan"
+
+    verified = cli.invoke(app, ["verify", str(bundle), "--json"])
+    assert verified.exit_code == 0, verified.output
+    assert json.loads(verified.stdout)["runtimes"]["eager"]["passed"] is True
+    ran = cli.invoke(app, ["run", str(bundle), "-p", "ROMEO:", "-n", "8"])
+    assert ran.exit_code == 0, ran.output
+    assert ran.stdout.strip()
 
 
-def test_bundles_are_verified_and_run_by_the_backend_that_wrote_them(fake_backend, tmp_path):
-    bundle = export_bundle(None, fake_backend, "int8", tmp_path / "bundle")
-    assert verify_bundle(bundle) == {"passed": True}
-    (bundle / "model.fake").write_text("tampered")
-    assert verify_bundle(bundle) == {"passed": False}
-    runner, _ = open_runner(bundle)
-    tokens = list(generate_tokens(runner.step, [0, 1, 2, 3, 4], max_new_tokens=2, max_context=runner.max_context,
-                                  max_chunk=runner.max_chunk))
-    assert tokens == [5, 6]  # the fake logits point at the next position: every step was fed in order
+def test_a_bundle_written_without_its_gate_says_so_and_verify_runs_the_gate(toy_backend, tmp_path):
+    bundle = export_bundle(None, toy_backend, None, tmp_path / "bundle", gate=False)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["parity"]["skipped"] is True and manifest["parity"]["passed"] is False
+    assert verify_bundle(bundle)["passed"] is True
+    ran = cli.invoke(app, ["run", str(bundle), "-p", "ROMEO:", "-n", "4"])
+    assert ran.exit_code == 0 and "never verified" in ran.stderr
 
 
-def test_a_bundle_without_its_artifact_is_refused(fake_backend, tmp_path):
-    bundle = export_bundle(None, fake_backend, None, tmp_path / "bundle")
-    (bundle / "model.fake").unlink()
-    with pytest.raises(QwenMobileError, match="model.fake: missing"):
+def test_a_new_backend_folder_ships_in_the_wheel_with_no_other_edit(tmp_path):
+    """Packages are found, not listed: a copy of the repository with the toy backend dropped under
+    backends/ builds a wheel that holds it."""
+    repo = Path(__file__).resolve().parent.parent
+    tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True).stdout.split()
+    source = tmp_path / "source"
+    for name in tracked:
+        if name.startswith(("qwen_mobile/", "backends/", "calibration/")) or "/" not in name:
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / name, source / name)
+    shutil.copytree(TOY_BACKEND, source / "backends" / "toyrt")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "wheel"), str(source)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"qwen_mobile/backends/toyrt/__init__.py", "qwen_mobile/backends/toyrt/backend.py"} <= set(names)
+    assert "qwen_mobile/calibration/tinyshakespeare.txt" in names and "backends/toyrt/__init__.py" not in names
+
+
+def test_a_bundle_without_its_artifact_is_refused(toy_backend, tmp_path):
+    bundle = export_bundle(None, toy_backend, None, tmp_path / "bundle")
+    (bundle / "model.pt").unlink()
+    with pytest.raises(QwenMobileError, match="model.pt: listed in manifest.json but missing"):
         verify_bundle(bundle)
 
 
-def test_a_manifest_off_the_schema_is_a_one_line_error_naming_the_field(fake_backend, tmp_path):
-    bundle = export_bundle(None, fake_backend, None, tmp_path / "bundle")
+def test_a_manifest_off_the_schema_is_a_one_line_error_naming_the_field(toy_backend, tmp_path):
+    bundle = export_bundle(None, toy_backend, None, tmp_path / "bundle")
     manifest = json.loads((bundle / "manifest.json").read_text())
     del manifest["special_tokens"]["eos"]
     (bundle / "manifest.json").write_text(json.dumps(manifest))
@@ -97,13 +103,13 @@ def test_a_manifest_off_the_schema_is_a_one_line_error_naming_the_field(fake_bac
         verify_bundle(bundle)
 
 
-def test_quant_scheme_outside_the_backend_is_rejected(fake_backend):
+def test_quant_scheme_outside_the_backend_is_rejected(toy_backend):
     with pytest.raises(QwenMobileError, match="--quant 'int4'.*fp32, int8"):
-        get_backend(fake_backend, "int4")
+        get_backend(toy_backend, "int4")
 
 
-def test_unknown_backend_lists_what_is_available(fake_backend):
-    with pytest.raises(QwenMobileError, match="--backend 'onnx' is unknown; available: .*fakert"):
+def test_unknown_backend_lists_what_is_available(toy_backend):
+    with pytest.raises(QwenMobileError, match="--backend 'onnx' is unknown; available: .*toyrt"):
         get_backend("onnx", None)
 
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen_mobile.config import LINEAR_ATTENTION
-from qwen_mobile.models.qwen3_5 import Qwen35, init_state
+from qwen_mobile.models.qwen3_5 import DeltaNetState, KVState, Qwen35
 from qwen_mobile.parity import mean_kl, sample_tokens, top1_agreement
 
 DRIFT_TOKENS = 2048
@@ -23,34 +22,35 @@ MATERIAL_TOP1_LOSS = 0.01
 MATERIAL_RATIO = 0.05
 
 
-def _round(state, layer_types, recurrent_fp16: bool):
-    rounded = []
-    for layer_type, (first, second) in zip(layer_types, state):
-        first = first.half().float()
-        if layer_type == LINEAR_ATTENTION:
-            second = second.half().float() if recurrent_fp16 else second
-        else:
-            second = second.half().float()
-        rounded.append((first, second))
-    return rounded
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.half().float()
+
+
+def _round(state, recurrent_fp16: bool):
+    """Each layer's state as Core ML would store it: conv and KV in fp16, the recurrent state as chosen."""
+    return [
+        DeltaNetState(_fp16(s.conv), _fp16(s.recurrent) if recurrent_fp16 else s.recurrent)
+        if isinstance(s, DeltaNetState) else KVState(_fp16(s.keys), _fp16(s.values))
+        for s in state
+    ]
 
 
 @torch.no_grad()
 def measure(model: Qwen35, tokens: int = DRIFT_TOKENS) -> dict:
     config = model.config
     sequence = sample_tokens(config.vocab_size, tokens)
-    states = {arm: init_state(config, tokens) for arm in ("fp32", "fp16")}
+    states = {arm: model.init_state(tokens) for arm in ("fp32", "fp16")}
     logits = {"fp32": [], "fp16": []}
     for position in range(tokens):
         for arm, state in states.items():
             out, state = model(sequence[:, position : position + 1], torch.tensor([position]), state)
-            states[arm] = _round(state, config.layer_types, recurrent_fp16=arm == "fp16")
+            states[arm] = _round(state, recurrent_fp16=arm == "fp16")
             logits[arm].append(out)
     reference, stored = torch.cat(logits["fp32"]), torch.cat(logits["fp16"])
     relative = max(
-        ((a[1] - b[1]).norm() / b[1].norm()).item()
-        for layer_type, a, b in zip(config.layer_types, states["fp16"], states["fp32"])
-        if layer_type == LINEAR_ATTENTION
+        ((a.recurrent - b.recurrent).norm() / b.recurrent.norm()).item()
+        for a, b in zip(states["fp16"], states["fp32"])
+        if isinstance(a, DeltaNetState)
     )
     ratio = ((stored - reference).abs().max() / reference.std()).item()
     agreement = top1_agreement(reference, stored)

@@ -19,8 +19,9 @@ from qwen_mobile.errors import QwenMobileError
 # inputs that take a list of values
 VARIADIC = {"concat": ("values",)}
 
-CAST_DTYPES = {"fp16": np.float16, "fp32": np.float32, "int32": np.int32, "int16": np.int16, "int8": np.int8,
-               "uint8": np.uint8, "bool": np.bool_}
+# uint16: coremltools' fp16 passes narrow gather indices to it
+CAST_DTYPES = {"fp16": np.float16, "fp32": np.float32, "int32": np.int32, "int16": np.int16, "uint16": np.uint16,
+               "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
 
 
 @dataclass

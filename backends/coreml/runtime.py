@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from qwen_mobile.errors import QwenMobileError
-from qwen_mobile.registry import Runner
 
 from . import emulator
 
@@ -87,11 +86,3 @@ def step(session, tokens: list[int], start: int, chunk: int) -> torch.Tensor:
     else:
         raise QwenMobileError(f"a call takes 1 to {chunk} tokens, got {count}")
     return torch.from_numpy(np.asarray(logits, dtype=np.float32).reshape(-1).copy())
-
-
-def load_runner(bundle: Path, manifest: dict) -> Runner:
-    """`qwen-mobile run`: the bundle's program, one call per prefill chunk or decode token."""
-    session = open_session(Path(bundle) / manifest["artifact"])
-    chunk = manifest["max_seq_len"]
-    return Runner(lambda tokens, start: step(session, tokens, start, chunk), max_context=manifest["max_context"],
-                  max_chunk=chunk)

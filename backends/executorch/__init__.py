@@ -1,7 +1,7 @@
 """ExecuTorch: one `.pte` program, XNNPACK-delegated, with the model state held in mutable buffers.
 
-Only the spec lives here: discovering backends must not import executorch (its
-modules are imported by the exporter named below, when an export runs).
+Only the spec lives here: discovering backends must not import executorch (the
+implementation named below imports it, when an export, verify, run or bench needs it).
 """
 
 from qwen_mobile.registry import BackendSpec
@@ -11,7 +11,5 @@ BACKEND = BackendSpec(
     summary="ExecuTorch .pte (XNNPACK), state in mutable buffers, verified through the ExecuTorch runtime",
     artifact="model.pte",
     quant_schemes=("fp32", "int8", "8da4w"),
-    exporter="qwen_mobile.backends.executorch.bundle:export",
-    verifier="qwen_mobile.backends.executorch.verify:verify_bundle",
-    runner="qwen_mobile.backends.executorch.runtime:load_runner",
+    implementation="qwen_mobile.backends.executorch.backend:ExecuTorchBackend",
 )

@@ -9,171 +9,74 @@ input_pos 0 starts a new sequence (the core model zeroes the recurrent state the
 
 from __future__ import annotations
 
-import contextlib
-import types
 import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from qwen_mobile.config import FULL_ATTENTION, LINEAR_ATTENTION, Qwen35Config
-from qwen_mobile.models.qwen3_5 import GatedAttention, Qwen35, init_state
-
+from qwen_mobile.models.qwen3_5 import KVState, Qwen35, StateTensor, state_from_tensors, state_tensors, state_to_tensors
 from qwen_mobile.quant.plan import QuantPlan
+from qwen_mobile.swaps import swapped
 
 from .inplace_state import in_place_memory_planning
 from .partition import xnnpack_partitioner
 from .quantize import planned_weights
-from .rewrites import REWRITES
-from .runtime import register_llama_kernels
-
-DEFAULT_MAX_CONTEXT = 2048
-# The longest chunk one call takes; ExecuTorch's LLM runner splits longer prompts into
-# chunks of get_max_seq_len. Activations are memory-planned for this upper bound.
-DEFAULT_MAX_SEQ_LEN = 128
-
-# Buffer names per layer type, in the order of the core model's (first, second) state pair.
-STATE_NAMES = {LINEAR_ATTENTION: ("conv_state", "recurrent_state"), FULL_ATTENTION: ("key_cache", "value_cache")}
+from .swaps import MODULE_SWAPS, OP_SWAPS
 
 
-def buffer_name(layer: int | str, kind: str) -> str:
-    return f"layer{layer}_{kind}"
-
-
-def state_buffers(config: Qwen35Config, max_context: int) -> list[dict[str, torch.Tensor]]:
-    """Per layer, its zero state by kind, in the order of the core model's state pair.
-
-    KV caches are [1, max_context, kv_heads, head_dim], the layout of ExecuTorch's
-    llama::update_cache and llama::custom_sdpa (see native_attend), not the core's."""
-    buffers = []
-    for layer_type, pair in zip(config.layer_types, init_state(config, max_context)):
-        if layer_type == FULL_ATTENTION:
-            pair = tuple(cache.transpose(1, 2).contiguous() for cache in pair)
-        buffers.append(dict(zip(STATE_NAMES[layer_type], pair)))
-    return buffers
+def stored_shape(tensor: StateTensor) -> tuple[int, ...]:
+    """A state buffer's shape in the program: KV caches are [1, max_context, kv_heads, head_dim], the
+    layout of ExecuTorch's llama::update_cache and llama::custom_sdpa (swaps.NativeCacheAttention)."""
+    if tensor.field in KVState._fields:
+        batch, heads, slots, dim = tensor.shape
+        return (batch, slots, heads, dim)
+    return tensor.shape
 
 
 class StatefulQwen35(nn.Module):
-    """Qwen35 with its state in registered buffers, updated in place on every call.
+    """Qwen35 with its state in registered buffers, named as the core names state tensors,
+    updated in place on every call.
 
     `buffer.copy_(new)` is what torch.export turns into a mutated buffer, which
     ExecuTorch keeps in the program across calls. The runtime zero-fills them when it
     loads the program (ExecuTorch's own LLM exports rely on this too), which is the
-    state init_state gives the eager model.
+    state Qwen35.init_state gives the eager model.
     """
 
     def __init__(self, model: Qwen35, max_context: int):
         super().__init__()
         self.model = model
-        self.state_names = []
-        for layer, buffers in enumerate(state_buffers(model.config, max_context)):
-            for kind, tensor in buffers.items():
-                self.register_buffer(buffer_name(layer, kind), tensor)
-            self.state_names.append(tuple(buffer_name(layer, kind) for kind in buffers))
-
-    def state(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(getattr(self, first), getattr(self, second)) for first, second in self.state_names]
+        for tensor in state_tensors(model.config, max_context):
+            self.register_buffer(tensor.name, torch.zeros(stored_shape(tensor), dtype=tensor.dtype))
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        logits, new_state = self.model(tokens, input_pos, self.state())
-        for old_pair, new_pair in zip(self.state(), new_state):
-            for old, new in zip(old_pair, new_pair):
-                if new is not old:  # KV caches were updated in place by native_attend
-                    old.copy_(new)
+        buffers = dict(self.named_buffers())
+        logits, new_state = self.model(tokens, input_pos, state_from_tensors(self.model.config, buffers))
+        for name, new in state_to_tensors(new_state).items():
+            if new is not buffers[name]:  # KV caches were updated in place by NativeCacheAttention
+                buffers[name].copy_(new)
         return logits
-
-
-def native_attend(attention, query, key, value, positions, cache):
-    """GatedAttention.attend on ExecuTorch's fused kernels, over caches updated in place.
-
-    llama::update_cache writes the new keys/values at start_pos, and llama::custom_sdpa
-    attends causally over slots 0..start_pos+T-1 only, where the core's plain attention
-    reads all max_context slots through a mask: decode cost then grows with the position
-    instead of always paying for the whole cache.
-    """
-    keys, values = cache
-    start = positions[0].item()
-    torch._check_is_size(start)
-    torch._check(start < keys.shape[1])
-    torch.ops.llama.update_cache(key.transpose(1, 2).contiguous(), keys, start)
-    torch.ops.llama.update_cache(value.transpose(1, 2).contiguous(), values, start)
-    out = torch.ops.llama.custom_sdpa(query.transpose(1, 2).contiguous(), keys, values, start, None, 0.0, True)
-    return out.transpose(1, 2), cache
-
-
-@contextlib.contextmanager
-def native_attention(model: Qwen35):
-    """Route the model's full attention through native_attend while it is traced; the
-    eager model (the parity gate's reference) keeps its own attention afterwards."""
-    register_llama_kernels()
-    layers = [m for m in model.modules() if isinstance(m, GatedAttention)]
-    for layer in layers:
-        layer.attend = types.MethodType(native_attend, layer)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.attend
-
-
-def clamp_lengths(model: Qwen35, max_context: int, max_seq_len: int) -> tuple[int, int]:
-    """(max_context, max_seq_len) that the model's positions and the context can hold."""
-    max_context = min(max_context, model.config.max_position_embeddings)
-    return max_context, min(max_seq_len, max_context)
 
 
 def export_program(model: Qwen35, max_context: int, max_seq_len: int) -> torch.export.ExportedProgram:
     wrapper = StatefulQwen35(model, max_context).eval()
     example = (torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long))
     length = torch.export.Dim("seq_len", min=1, max=max_seq_len)
-    with torch.no_grad(), native_attention(model):
+    with torch.no_grad(), swapped(model, MODULE_SWAPS):
         return torch.export.export(wrapper, example, dynamic_shapes=({1: length}, None), strict=False)
-
-
-def llama_gated_delta_rule():
-    register_llama_kernels()
-    return torch.ops.llama.gated_delta_rule.default
-
-
-def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """x [B, T, heads, D] with each head repeated `groups` times in a row (repeat_interleave
-    on dim 2), as a concatenation of views: repeat_interleave lowers to unsqueeze_copy and
-    expand_copy, neither of which executorch 1.5.1's XNNPACK partitioner claims (the
-    concatenation of one view with itself is delegated through rewrites.cat_of_distinct_inputs)."""
-    batch, length, heads, dim = x.shape
-    stacked = torch.cat([x.view(batch, length, heads, 1, dim)] * groups, dim=3)
-    return stacked.view(batch, length, heads * groups, dim)
-
-
-def native_gated_delta_rule(q, k, v, g, beta, state):
-    """qwen_mobile::gated_delta_rule expressed with ExecuTorch's llama::gated_delta_rule.
-
-    The two contracts differ in layout, grouping and decay: ours is [B, T, H, D] with
-    q/k per key head and a log decay; the native kernel wants [B, H, T, D], a decay
-    already exponentiated, and k per state (= value) head. Its own grouping shares one
-    state among several query heads, which is not Qwen3.5's (several value heads, each
-    with its own state, share one key head), so q and k are repeated to value heads here.
-    """
-    groups = v.shape[2] // q.shape[2]
-    q, k = (repeat_heads(x, groups) if groups > 1 else x for x in (q, k))
-    out, final = llama_gated_delta_rule()(
-        *(x.float().transpose(1, 2) for x in (q, k, v, g.exp(), beta)), state.float()
-    )
-    return out.transpose(1, 2), final
 
 
 def rewrite_for_executorch(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     """Swap our op for the native kernel by tracing the adapter in its place, and rewrite
-    the operators XNNPACK would leave out into forms it delegates (rewrites.py).
+    the operators XNNPACK would leave out into forms it delegates (swaps.OP_SWAPS).
 
     Decompositions rather than hand-written graph rewrites: export re-traces the
     adapter and the rewrites with each node's real (symbolic) shapes, so the transposes,
     repeats and exp get correct metadata under the dynamic T for free, and nothing
     outside the table is touched.
     """
-    table = {torch.ops.qwen_mobile.gated_delta_rule.default: native_gated_delta_rule, **REWRITES}
-    return program.run_decompositions(table)
+    return program.run_decompositions(OP_SWAPS)
 
 
 def operator_names(program: torch.export.ExportedProgram) -> set[str]:

@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 from qwen_mobile.errors import QwenMobileError
-from qwen_mobile.registry import Runner
 
 
 def register_llama_kernels() -> None:
@@ -50,11 +49,11 @@ def first_line(error: Exception) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
-def load_runner(bundle: Path, manifest: dict) -> Runner:
-    """`qwen-mobile run`: the bundle's program, stepped one call per prefill chunk or decode token."""
-    method = load_forward(bundle / "model.pte")
+def thread_count() -> int | None:
+    """The runtime's thread pool size (None where the bindings do not say)."""
+    try:
+        from executorch.extension.pybindings import portable_lib
 
-    def run_step(tokens: list[int], start: int) -> torch.Tensor:
-        return step(method, torch.tensor([tokens], dtype=torch.long), start)[0]
-
-    return Runner(run_step, max_context=manifest["max_context"], max_chunk=manifest["max_seq_len"])
+        return portable_lib._threadpool_get_thread_count()
+    except (ImportError, AttributeError):
+        return None

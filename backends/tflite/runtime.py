@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from qwen_mobile.errors import QwenMobileError
-from qwen_mobile.registry import Runner
 
 PREFILL, DECODE = "prefill", "decode"
 
@@ -84,17 +83,3 @@ class TFLiteModel:
                                   f"({first_line(error)})") from None
         self.state = {name: outputs[output] for output, name in self.feeds.items()}
         return outputs["logits"].reshape(-1)
-
-
-def load(bundle_artifact: Path, manifest: dict, xnnpack: bool = True) -> TFLiteModel:
-    return TFLiteModel(bundle_artifact, manifest["state_feeds"], manifest["max_context"], xnnpack)
-
-
-def load_runner(bundle: Path, manifest: dict) -> Runner:
-    """`qwen-mobile run`: the bundle's model.tflite (XNNPACK on), one call per prefill chunk or decode token."""
-    model = load(Path(bundle) / manifest["artifact"], manifest)
-
-    def run_step(tokens: list[int], start: int) -> torch.Tensor:
-        return torch.from_numpy(model.step(tokens, start).copy())
-
-    return Runner(run_step, max_context=manifest["max_context"], max_chunk=manifest["max_seq_len"])

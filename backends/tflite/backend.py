@@ -1,0 +1,106 @@
+"""The TFLite / LiteRT backend behind the core's interface (qwen_mobile.registry.Backend)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qwen_mobile.registry import Backend, ExportTarget, Lengths, Runner
+
+from . import lower, npu_report, runtime
+
+NPU_REPORT = "npu_report.json"
+# runtime name -> XNNPACK on (LiteRT's default CPU path) or TFLite's own builtin kernels
+# (the op set an NPU or GPU delegate falls back to); a bundle must pass its gate on both
+RUNTIMES = {"xnnpack": True, "builtin_kernels": False}
+
+
+class TFLiteBackend(Backend):
+    runtimes = tuple(RUNTIMES)
+    default_lengths = Lengths(max_context=512, max_chunk=32)
+    tools = ("litert-torch", "ai-edge-litert")
+
+    def check(self, plan, lengths: Lengths) -> None:
+        from . import quantize
+
+        if plan.weights:
+            quantize.check_encodable(plan)
+
+    def lower(self, target: ExportTarget, directory: Path) -> dict:
+        model, lengths = target.model, target.lengths
+        started = time.perf_counter()
+        with converter_stdout_silenced():
+            flatbuffer = lower.convert(model, lengths.max_context, lengths.max_chunk, target.plan)
+        convert_seconds = time.perf_counter() - started
+        artifact = directory / self.spec.artifact
+        artifact.write_bytes(flatbuffer)
+        report = npu_report.build(artifact)
+        npu_report.require_builtin_only(report, artifact)
+        (directory / NPU_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        return {
+            "methods": signatures(artifact),
+            "state_feeds": lower.state_feeds(model.config, lengths.max_context),
+            "export": {"convert_seconds": round(convert_seconds, 1), "artifact_bytes": len(flatbuffer)},
+        }
+
+    def open(self, bundle: Path, manifest: dict, runtime_name: str | None = None) -> Runner:
+        """The bundle's model.tflite in one interpreter (XNNPACK unless runtime_name is builtin_kernels)."""
+        model = runtime.TFLiteModel(
+            Path(bundle) / manifest["artifact"], manifest["state_feeds"], manifest["max_context"],
+            xnnpack=RUNTIMES[runtime_name or self.runtimes[0]],
+        )
+
+        def step(tokens: list[int], start: int) -> torch.Tensor:
+            return torch.from_numpy(model.step(tokens, start).copy())
+
+        return Runner(step, max_context=manifest["max_context"], max_chunk=manifest["max_seq_len"])
+
+    def thread_counts(self) -> dict:
+        return {"litert": torch.get_num_threads()}  # runtime.TFLiteModel gives the interpreter torch's count
+
+
+@contextlib.contextmanager
+def converter_stdout_silenced():
+    """litert-torch and the TFLite converter print ~60 progress lines on stdout, from C++ as well
+    as Python. stdout is for results (the core reports its own steps on stderr), so file
+    descriptor 1 points at /dev/null meanwhile; errors still raise, and C++ logs keep stderr."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.close(devnull)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def signatures(artifact: Path) -> dict:
+    """Each signature's inputs and outputs as the interpreter reads them from the written file."""
+    interpreter = runtime.interpreter_module().Interpreter(model_path=str(artifact))
+    methods = {}
+    for name in (lower.PREFILL, lower.DECODE):
+        runner = interpreter.get_signature_runner(name)
+        methods[name] = {
+            "inputs": [tensor_entry(n, d) for n, d in runner.get_input_details().items()],
+            "outputs": [tensor_entry(n, d) for n, d in runner.get_output_details().items()],
+        }
+    methods[lower.PREFILL]["notes"] = (
+        "tokens holds `length` real tokens then padding (any id); padding changes no state and the logits are "
+        "the last real token's. Every `<name>_out` output feeds input `<name>` on the next call (state_feeds)."
+    )
+    methods[lower.DECODE]["notes"] = "one token; state as for prefill. input_pos 0 starts a new sequence."
+    return methods
+
+
+def tensor_entry(name: str, details: dict) -> dict:
+    return {"name": name, "dtype": np.dtype(details["dtype"]).name, "shape": [int(s) for s in details["shape"]]}
