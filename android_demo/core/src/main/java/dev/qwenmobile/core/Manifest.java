@@ -134,7 +134,7 @@ public final class Manifest {
         }
         for (Map.Entry<String, Object> e : Json.field(m, "files", "manifest").entrySet()) {
             String name = e.getKey();
-            if (name.isEmpty() || name.startsWith("/") || name.contains("\\") || List.of(name.split("/")).contains("..")
+            if (name.isEmpty() || name.startsWith("/") || name.contains("\\") || java.util.Arrays.asList(name.split("/")).contains("..")
                     || name.equals(FILE)) {
                 throw new BundleException(FILE + ": files: " + name + " is not a relative path inside the bundle");
             }
@@ -196,7 +196,7 @@ public final class Manifest {
                         }
                     }
                     for (Tensor input : sig.inputs) {
-                        boolean known = List.of("tokens", "input_pos", "length").contains(input.name)
+                        boolean known = java.util.Arrays.asList("tokens", "input_pos", "length").contains(input.name)
                                 || stateFeeds.containsValue(input.name);
                         if (!known) throw new BundleException(FILE + ": " + method + " input " + input.name + " is fed by nothing");
                     }

@@ -5,7 +5,7 @@ import java.io.IOException;
 import java.io.InputStream;
 import java.io.PrintStream;
 import java.nio.charset.StandardCharsets;
-import java.nio.file.Path;
+import java.nio.file.Paths;
 
 /**
  * {@code java -cp CLASSES dev.qwenmobile.core.Tokenize TOKENIZER_JSON [--decode] [--skip-special]}
@@ -42,15 +42,16 @@ public final class Tokenize {
         }
         Tokenizer tokenizer;
         try {
-            tokenizer = Tokenizer.fromFile(Path.of(path));
+            tokenizer = Tokenizer.fromFile(Paths.get(path));
         } catch (IOException | RuntimeException e) {
             err.println(path + ": " + e.getMessage());
             return 2;
         }
         ByteArrayOutputStream buffer = new ByteArrayOutputStream();
-        in.transferTo(buffer);
-        String input = buffer.toString(StandardCharsets.UTF_8);
-        PrintStream utf8 = new PrintStream(out, true, StandardCharsets.UTF_8);
+        byte[] block = new byte[1 << 16];
+        for (int n; (n = in.read(block)) > 0; ) buffer.write(block, 0, n);
+        String input = new String(buffer.toByteArray(), StandardCharsets.UTF_8);
+        PrintStream utf8 = new PrintStream(out, true, "UTF-8");
         if (decode) {
             String trimmed = input.trim();
             String[] parts = trimmed.isEmpty() ? new String[0] : trimmed.split("\\s+");

@@ -95,7 +95,7 @@ public final class Tokenizer {
             vocab.put(e.getKey(), id);
             size = Math.max(size, id + 1);
         }
-        List<Object> addedJson = json.get("added_tokens") == null ? List.of() : Json.arr(json.get("added_tokens"), "added_tokens");
+        List<Object> addedJson = json.get("added_tokens") == null ? new ArrayList<Object>() : Json.arr(json.get("added_tokens"), "added_tokens");
         for (Object a : addedJson) {
             AddedToken token = new AddedToken(Json.obj(a, "added_tokens"));
             added.add(token);
@@ -179,7 +179,7 @@ public final class Tokenizer {
                     compiled = Pattern.compile(Pattern.quote(Json.str(pattern.get("String"), "Split.pattern.String")));
                 }
                 String behavior = Json.str(p.get("behavior"), "Split.behavior");
-                if (!List.of("Removed", "Isolated", "MergedWithPrevious", "MergedWithNext", "Contiguous").contains(behavior)) {
+                if (!java.util.Arrays.asList("Removed", "Isolated", "MergedWithPrevious", "MergedWithNext", "Contiguous").contains(behavior)) {
                     throw unsupported("Split behavior " + behavior);
                 }
                 preTokenizers.add(new PreTokenizer(compiled, false, false, behavior, Boolean.TRUE.equals(p.get("invert"))));
@@ -284,7 +284,7 @@ public final class Tokenizer {
             for (String piece : pieces) {
                 if (p.byteLevel) {
                     String s = p.addPrefixSpace && !piece.startsWith(" ") ? " " + piece : piece;
-                    for (String part : p.pattern == null ? List.of(s) : split(s, p.pattern, "Isolated", false)) {
+                    for (String part : p.pattern == null ? java.util.Collections.singletonList(s) : split(s, p.pattern, "Isolated", false)) {
                         next.add(ByteLevel.encode(part));
                     }
                 } else {
