@@ -1,0 +1,12 @@
+import SwiftUI
+
+@main
+struct QwenMobileDemoApp: App {
+    @StateObject private var model = ChatModel()
+
+    var body: some Scene {
+        WindowGroup {
+            ChatView(model: model)
+        }
+    }
+}
