@@ -18,11 +18,13 @@ from pathlib import Path
 from qwen_mobile import progress
 from qwen_mobile.checkpoint import Checkpoint
 from qwen_mobile.errors import QwenMobileError
+from qwen_mobile.jsonfiles import read_json
 from qwen_mobile.quant.plan import QuantPlan
 from qwen_mobile.registry import Backend, BackendSpec, Lengths, Runner, discover
 
 MANIFEST = "manifest.json"
 SCHEMA = Path(__file__).resolve().parent / "schemas" / "manifest.schema.json"
+CHAT_FORMAT_SCHEMA = SCHEMA.with_name("chat_format.schema.json")
 FORMAT_VERSION = 2
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -32,14 +34,7 @@ def read_tokenizer_config(checkpoint_dir: Path) -> dict:
     for name in TOKENIZER_FILES:
         if not (checkpoint_dir / name).is_file():
             raise QwenMobileError(f"{checkpoint_dir / name}: not found (a bundle ships the checkpoint's tokenizer)")
-    path = checkpoint_dir / "tokenizer_config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise QwenMobileError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(config, dict):
-        raise QwenMobileError(f"{path}: expected a JSON object")
-    return config
+    return read_json(checkpoint_dir / "tokenizer_config.json")
 
 
 def copy_tokenizer(checkpoint_dir: Path, directory: Path) -> None:
@@ -76,12 +71,15 @@ def build_manifest(
     plan: QuantPlan,
     lengths: Lengths,
     special_tokens: dict,
-    chat_template: str | None,
+    conversation: dict,
     backend_fields: dict,
 ) -> dict:
-    """The manifest of a freshly lowered artifact, before its gate (the core adds `parity`)."""
-    reserved = {"format_version", "backend", "artifact", "quant", "source", "vocab_size", "max_context",
-                "max_seq_len", "special_tokens", "chat_template", "state", "parity", "tools"}
+    """The manifest of a freshly lowered artifact, before its gate (the core adds `parity`, and
+    `files` and `manifest_sha256` as it writes it). `conversation`: chat_template, chat_format
+    and generation (export.conversation_fields)."""
+    reserved = {"format_version", "backend", "artifact", "files", "manifest_sha256", "quant", "source", "vocab_size",
+                "max_context", "max_seq_len", "special_tokens", "chat_template", "chat_format", "generation", "state",
+                "parity", "tools"}
     clash = sorted(reserved & set(backend_fields))
     if clash:
         raise ValueError(f"the {spec.name} backend's manifest fields override the core's: {clash}")
@@ -95,7 +93,7 @@ def build_manifest(
         "max_context": lengths.max_context,
         "max_seq_len": lengths.max_chunk,
         "special_tokens": special_tokens,
-        "chat_template": chat_template,
+        **conversation,
         "state": state_section(backend, checkpoint.config, lengths.max_context, plan),
         **backend_fields,
         "tools": tool_versions(*backend.tools),
@@ -103,11 +101,21 @@ def build_manifest(
 
 
 def write_manifest(manifest: dict, directory: Path, published: Path) -> None:
-    """Record every file's size and digest, validate against the schema (errors name the
-    published path), then write the manifest into `directory`, last."""
+    """Record every file's size and digest and the manifest's own digest, validate against the
+    schema (errors name the published path), then write the manifest into `directory`, last."""
     manifest["files"] = file_digests(directory)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     validate_manifest(manifest, Path(published) / MANIFEST)
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def manifest_digest(manifest: dict) -> str:
+    """SHA-256 of the manifest without this field, serialized canonically (keys sorted, no spaces,
+    ASCII, Python's shortest float repr): any edit of any field shows. Apps check the files'
+    digests; `verify` and `package` check this one too."""
+    body = {key: value for key, value in manifest.items() if key != "manifest_sha256"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def sha256(path: Path) -> str:
@@ -160,72 +168,106 @@ def check_files(bundle: Path, manifest: dict) -> None:
 
 
 def validate_manifest(manifest: dict, where: Path) -> None:
-    """Every manifest written or read must match the documented schema."""
+    """Every manifest written or read must match the documented schema (manifest.schema.json, which
+    refers to chat_format.schema.json for the app-facing conversation fields)."""
     import jsonschema
+    from referencing import Registry, Resource
 
-    errors = sorted(jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text())).iter_errors(manifest), key=str)
+    schemas = [json.loads(path.read_text()) for path in (SCHEMA, CHAT_FORMAT_SCHEMA)]
+    registry = Registry().with_resources((schema["$id"], Resource.from_contents(schema)) for schema in schemas)
+    validator = jsonschema.Draft202012Validator(schemas[0], registry=registry)
+    errors = sorted(validator.iter_errors(manifest), key=str)
     if errors:
         field = "/".join(str(p) for p in errors[0].absolute_path) or "(top level)"
         raise QwenMobileError(f"{where}: field {field}: {errors[0].message} (see {SCHEMA.name})")
 
 
 def read_manifest(bundle: Path) -> tuple[dict, BackendSpec]:
-    path = Path(bundle) / MANIFEST
+    """The bundle's manifest, checked: its schema, its self-digest, what the schema cannot say
+    (the backend's own artifact and schemes, ids within the vocabulary, lengths within the
+    context), then every file's size and digest. Any failure is one line naming the field or file."""
+    bundle = Path(bundle)
+    path = bundle / MANIFEST
     if not path.is_file():
         raise QwenMobileError(f"{path}: not found (is {bundle} a qwen-mobile bundle?)")
+    manifest = read_json(path)
+    recorded = manifest.get("manifest_sha256")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise QwenMobileError(f"{path}: not valid JSON ({error})") from None
+        digest = manifest_digest(manifest)
+    except ValueError:  # NaN or Infinity, which JSON itself does not have
+        raise QwenMobileError(f"{path}: holds a number JSON does not have (NaN or Infinity)") from None
+    if digest != recorded:
+        raise QwenMobileError(f"{path}: its contents differ from its manifest_sha256 (edited or corrupted)")
     validate_manifest(manifest, path)
     specs = discover()
     backend = manifest["backend"]
     if backend not in specs:
-        raise QwenMobileError(f"{path}: backend {backend!r} is not installed; {', '.join(specs) or 'none is'}")
-    if manifest["artifact"] != specs[backend].artifact:
-        raise QwenMobileError(
-            f"{path}: field artifact: {manifest['artifact']!r}, but the {backend} backend writes {specs[backend].artifact!r}"
-        )
+        raise QwenMobileError(f"{path}: field backend: {backend!r} is not installed ({', '.join(specs) or 'none is'})")
+    spec = specs[backend]
+    if manifest["artifact"] != spec.artifact:
+        raise QwenMobileError(f"{path}: field artifact: {manifest['artifact']!r}, but the {backend} backend writes "
+                              f"{spec.artifact!r}")
+    if manifest["quant"]["scheme"] not in spec.quant_schemes:
+        raise QwenMobileError(f"{path}: field quant/scheme: {manifest['quant']['scheme']!r} is not one the {backend} "
+                              f"backend writes ({', '.join(spec.quant_schemes)})")
+    tokens = manifest["special_tokens"]
+    for field, ids in (("eos", tokens["eos"]), ("bos", [] if tokens["bos"] is None else [tokens["bos"]])):
+        if any(token >= manifest["vocab_size"] for token in ids):
+            raise QwenMobileError(f"{path}: field special_tokens/{field}: {ids} lies outside the vocabulary "
+                                  f"({manifest['vocab_size']})")
+    if manifest["max_seq_len"] > manifest["max_context"]:
+        raise QwenMobileError(f"{path}: field max_seq_len: {manifest['max_seq_len']} exceeds max_context "
+                              f"{manifest['max_context']}")
     check_files(bundle, manifest)
-    return manifest, specs[backend]
+    return manifest, spec
 
 
 def lengths_of(manifest: dict) -> Lengths:
     return Lengths(max_context=manifest["max_context"], max_chunk=manifest["max_seq_len"])
 
 
-def load_source(bundle: Path, manifest: dict):
-    """For `verify`: the bundle's source checkpoint, loaded, and its quantization plan rebuilt
-    from the manifest (plans are deterministic), after checking that the source still has
-    the config the bundle was exported from."""
-    from qwen_mobile.checkpoint import load
+def load_source(bundle: Path, manifest: dict, source: str | None = None):
+    """For `verify`: the checkpoint the bundle was exported from, loaded, and its quantization
+    plan rebuilt from the manifest (plans are deterministic).
+
+    Nothing outside the bundle is read or fetched on the manifest's say-so: the checkpoint is
+    the one the user passes (`--source`), checked against the manifest's config_hash; only the
+    embedded model, which ships with qwen-mobile, is found without it."""
+    from qwen_mobile.checkpoint import EMBEDDED_NAME, load
     from qwen_mobile.quant.plan import make_plan, scheme_from_manifest
 
-    source = manifest.get("source", {})
-    with progress.step("loading the source checkpoint"):
-        loaded = load(source.get("checkpoint"))
-    if loaded.checkpoint.config_hash != source.get("config_hash"):
+    path = Path(bundle) / MANIFEST
+    recorded = manifest["source"]
+    if source is None and recorded["checkpoint"] != EMBEDDED_NAME:
         raise QwenMobileError(
-            f"{Path(bundle) / MANIFEST}: source {source.get('checkpoint')!r} no longer has the config it was "
-            "exported from (config_hash differs)"
+            f"{path}: exported from {recorded['checkpoint']!r}; pass that checkpoint with --source to verify against "
+            "it (verify reads nothing outside the bundle on the manifest's say-so)"
+        )
+    scheme = scheme_from_manifest(manifest["quant"], str(path))
+    with progress.step("loading the source checkpoint"):
+        loaded = load(source if source is not None else EMBEDDED_NAME)
+    if loaded.checkpoint.config_hash != recorded["config_hash"]:
+        raise QwenMobileError(
+            f"{path}: field source/config_hash: {recorded['config_hash']}, but {loaded.checkpoint.source} has "
+            f"{loaded.checkpoint.config_hash} (not the checkpoint this bundle was exported from)"
         )
     with progress.step("rebuilding the quantization plan"):
-        return loaded, make_plan(loaded.model, scheme_from_manifest(manifest["quant"]))
+        return loaded, make_plan(loaded.model, scheme)
 
 
-def verify_bundle(bundle: Path) -> dict:
+def verify_bundle(bundle: Path, source: str | None = None) -> dict:
     """`qwen-mobile verify`: the bundle's files against its manifest, then the parity gate again
     on the artifact as written, through each of its runtimes; the result says whether it passed."""
     manifest, spec = read_manifest(bundle)
-    return gate_bundle(Path(bundle), manifest, spec)
+    return gate_bundle(Path(bundle), manifest, spec, source)
 
 
-def gate_bundle(bundle: Path, manifest: dict, spec: BackendSpec) -> dict:
-    """The parity gate on the artifact in `bundle` against the bundle's source, without the file
-    checks (verify_bundle does those first)."""
+def gate_bundle(bundle: Path, manifest: dict, spec: BackendSpec, source: str | None = None) -> dict:
+    """The parity gate on the artifact in `bundle` against its source checkpoint (see load_source),
+    without the file checks (verify_bundle does those first)."""
     from qwen_mobile.parity import gate_artifact, references
 
-    loaded, plan = load_source(bundle, manifest)
+    loaded, plan = load_source(bundle, manifest, source)
     refs = references(loaded.model, lengths_of(manifest), plan, tokenizer_dir=bundle)
     return gate_artifact(spec.load(), bundle, manifest, refs)
 

@@ -371,10 +371,10 @@ DEFAULT_MAX_NEW_TOKENS = 1024
 LOOP_GUARD_DEFAULTS = {"max_period": 64, "min_span": 64, "min_repeats": 4}
 
 
-def generation_defaults(checkpoint_dir: Path) -> dict:
+def generation_defaults(checkpoint_dir: Path, chat_format: dict | None | object = _UNSET) -> dict:
     """The manifest's `generation`: sampling per mode, the reply length, the loop guard.
 
-    Modes: "non_thinking" always; "thinking" too when the chat template takes enable_thinking.
+    `chat_format` is the checkpoint's (derived here when not given). Modes: "non_thinking" always; "thinking" too when the chat template takes enable_thinking.
     `default_mode` is the one the template uses when enable_thinking is not given. The
     checkpoint's generation_config.json describes that default mode: its values (temperature,
     top_p, top_k, min_p, repetition_penalty, and presence/frequency penalties where present)
@@ -384,8 +384,9 @@ def generation_defaults(checkpoint_dir: Path) -> dict:
     the other mode, falls back to CARD_DEFAULTS (source says which applied).
     """
     checkpoint_dir = Path(checkpoint_dir)
-    tokenizer_config = _read_json(checkpoint_dir / "tokenizer_config.json") or {}
-    chat_format = derive(tokenizer_config.get("chat_template"), tokenizer_config)
+    if chat_format is _UNSET:  # not derived by the caller already
+        tokenizer_config = _read_json(checkpoint_dir / "tokenizer_config.json") or {}
+        chat_format = derive(tokenizer_config.get("chat_template"), tokenizer_config)
     has_thinking = bool(chat_format and chat_format.get("thinking"))
     default_mode = "thinking" if has_thinking and chat_format["thinking"]["default"] else "non_thinking"
     modes = {name: {**CARD_DEFAULTS[name], "source": CARD_SOURCE}

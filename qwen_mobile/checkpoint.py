@@ -7,7 +7,6 @@ generation_config.json; a hub id is downloaded into the local cache first.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from qwen_mobile.config import Qwen35Config, read_config
 from qwen_mobile.errors import QwenMobileError
+from qwen_mobile.jsonfiles import read_json
 from qwen_mobile.models.qwen3_5 import Qwen35
 
 EMBEDDED_MODEL = Path(__file__).resolve().parent / "assets" / "qwen3.5-tiny"
@@ -37,7 +37,7 @@ LOADABLE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 @dataclass
 class Checkpoint:
     path: Path
-    source: str  # what the user named: a path, a hub id, or the embedded model's name
+    source: str  # where it came from: an absolute path, a hub id (with revision), or the embedded model's name
     config: Qwen35Config
     config_hash: str
     tensor_files: dict[str, Path]  # tensor name -> the safetensors file holding it
@@ -54,17 +54,20 @@ class LoadedModel:
 
 
 def resolve(model: str | None) -> tuple[Path, str]:
-    """The local directory for MODEL: the embedded model, a directory, or a hub id."""
+    """The local directory for MODEL (the embedded model, a directory, or a hub id) and how a
+    manifest records it: the embedded model's name, the directory's absolute path, or the hub
+    id with the revision downloaded (id@commit)."""
     if model in (None, "", EMBEDDED_NAME):
         return EMBEDDED_MODEL, EMBEDDED_NAME
     path = Path(model).expanduser()
     if path.is_dir():
-        return path, model
+        return path, str(path.resolve())
     if path.exists():
         raise QwenMobileError(f"{model}: not a directory (pass a checkpoint directory or a hub id)")
     if model.count("/") != 1 or model.startswith((".", "/")):
         raise QwenMobileError(f"{model}: no such directory")
-    return _download(model), model
+    snapshot = _download(model)
+    return snapshot, f"{model}@{snapshot.name}"  # the hub's cache names each snapshot directory by its commit
 
 
 def _download(repo_id: str) -> Path:
@@ -90,10 +93,11 @@ def _tensor_files(path: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise QwenMobileError(f"{index}: not a safetensors index with a weight_map ({error})") from None
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(file, str) and _plain_file_name(file) for file in weight_map.values()
+        ):
+            raise QwenMobileError(f"{index}: weight_map must map tensor names to file names in {path}")
         return {name: path / file for name, file in weight_map.items()}
     single = path / "model.safetensors"
     if not single.is_file():
@@ -181,10 +185,16 @@ def stop_token_ids(checkpoint: Checkpoint) -> tuple[int, ...]:
     turn end as well as <|endoftext|>), else config.json's."""
     path = checkpoint.path / "generation_config.json"
     if path.is_file():
-        try:
-            eos = json.loads(path.read_text()).get("eos_token_id")
-        except json.JSONDecodeError as error:
-            raise QwenMobileError(f"{path}: not valid JSON ({error})") from None
+        eos = read_json(path).get("eos_token_id")
         if eos is not None:
-            return tuple(eos) if isinstance(eos, list) else (eos,)
+            ids = tuple(eos) if isinstance(eos, list) else (eos,)
+            vocab = checkpoint.config.vocab_size
+            if not ids or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab for i in ids):
+                raise QwenMobileError(f"{path}: eos_token_id must be token ids below vocab_size {vocab}, got {eos!r}"[:300])
+            return ids
     return checkpoint.config.eos_token_ids
+
+
+def _plain_file_name(name: str) -> bool:
+    """A shard named by an index must sit in the checkpoint directory itself."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name

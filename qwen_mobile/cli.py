@@ -52,7 +52,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-ModelArg = typer.Argument(None, help="Checkpoint directory or hub id [default: the embedded qwen3.5-tiny]")
+ModelArg = typer.Argument(None, help="Checkpoint directory or hub id \\[default: the embedded qwen3.5-tiny]")
 # generation options shared by `generate` (eager model) and `run` (a bundle)
 PromptOption = typer.Option(..., "--prompt", "-p", help="Text to continue (or the user turn, with --chat)")
 MaxNewTokensOption = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Stop after this many tokens")
@@ -173,7 +173,7 @@ def _quant_help() -> str:
     from qwen_mobile.quant.plan import scheme_table
 
     schemes = "; ".join(f"{name}: {entry['summary']}" for name, entry in scheme_table().items())
-    return f"Quantization scheme [default: the backend's first, as listed under --backend]. {schemes}"
+    return f"Quantization scheme \\[default: the backend's first, as listed under --backend]. {schemes}"
 
 
 @app.command()
@@ -182,10 +182,10 @@ def export(
     backend: str = typer.Option(DEFAULT_BACKEND, "--backend", "-b", help=_backend_help()),
     quant: Optional[str] = typer.Option(None, "--quant", "-q", help=_quant_help(), show_default=False),
     out_dir: Optional[Path] = typer.Option(
-        None, "--out", "-o", help="Bundle directory to create [default: ./MODEL-BACKEND-QUANT]", show_default=False
+        None, "--out", "-o", help="Bundle directory to create \\[default: ./MODEL-BACKEND-QUANT]", show_default=False
     ),
     group_size: Optional[int] = typer.Option(
-        None, "--group-size", help="Columns per scale for grouped schemes (int4, 8da4w): 32, 64 or 128 [default: 32]",
+        None, "--group-size", help="Columns per scale for grouped schemes (int4, 8da4w): 32, 64 or 128 \\[default: 32]",
         show_default=False,
     ),
     embeddings_8bit: bool = typer.Option(
@@ -194,7 +194,7 @@ def export(
     max_context: Optional[int] = typer.Option(
         None, "--max-context", min=2, show_default=False,
         help="Longest sequence (prompt + output) the artifact holds; sizes the KV caches "
-        "[default: executorch 2048, coreml and tflite 512, within the model's max_position_embeddings]",
+        "\\[default: executorch 2048, coreml and tflite 512, within the model's max_position_embeddings]",
     ),
     no_gate: bool = typer.Option(
         False, "--no-gate", help="Write the bundle without running the parity gate; its manifest says it was never "
@@ -220,12 +220,22 @@ BundleArg = typer.Argument(..., help="A bundle directory written by `qwen-mobile
 
 
 @app.command()
-def verify(bundle: Path = BundleArg, as_json: bool = typer.Option(False, "--json", help="Print JSON")):
-    """Re-run the parity gate on the artifact as written, through its runtime. Exit 1 if it fails."""
+def verify(
+    bundle: Path = BundleArg,
+    source: Optional[str] = typer.Option(
+        None, "--source", show_default=False,
+        help="The checkpoint the bundle was exported from (directory or hub id); checked against the manifest's "
+        "config_hash. Needed for every source but the embedded model: verify reads nothing outside the bundle "
+        "unless told to",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON"),
+):
+    """Check every file of the bundle against its manifest, then re-run the parity gate on the artifact
+    as written, through each of its runtimes. Exit 1 if the gate fails, 2 if the bundle is malformed."""
     from qwen_mobile.bundle import verify_bundle
 
     with showing_steps(f"verifying {bundle}"):
-        result = verify_bundle(bundle)
+        result = verify_bundle(bundle, source)
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -316,3 +326,26 @@ def bench(
                   f"({result['rss_before_load_bytes'] / 2**20:,.0f} MiB before loading)")
     table.add_row(f"artifact ({result['artifact']})", f"{result['artifact_bytes'] / 2**20:,.1f} MiB")
     out.print(table)
+
+
+@app.command()
+def package(
+    bundle: Path = BundleArg,
+    target: str = typer.Option(..., "--app", help="The demo app: android (android_demo/) or ios (ios_demo/)"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON"),
+):
+    """Check a bundle against what the demo app runs (manifest format, backend, scheme, digests, the
+    gate, the chat format, memory against phone RAM) and print the commands that put it on the phone.
+    Exit 1 when a check fails."""
+    from qwen_mobile.package import check_for_app
+
+    report = check_for_app(bundle, target)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        for name, passed, detail in report["checks"]:
+            err.print(f"{'[green]ok[/]' if passed else '[bold red]no[/]'}  {name}: {detail}", highlight=False)
+        for command in report["commands"]:
+            print(command)
+    if not report["ok"]:
+        raise typer.Exit(1)

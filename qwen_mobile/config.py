@@ -7,13 +7,18 @@ decoder's fields under `text_config`) and `qwen3_5_text` (Qwen3_5ForCausalLM, fl
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from qwen_mobile.errors import QwenMobileError
+from qwen_mobile.jsonfiles import read_json
 
 MODEL_TYPES = ("qwen3_5", "qwen3_5_text")
+# bounds on every size a config.json gives (the 9B's largest is its 248,320 vocabulary): a size
+# past them is a one-line error, never an overflow inside torch
+MAX_SIZE = 1 << 24
+MAX_LAYERS = 1024
 LINEAR_ATTENTION = "linear_attention"
 FULL_ATTENTION = "full_attention"
 
@@ -84,10 +89,10 @@ class Qwen35Config:
             skipped.append("multi-token-prediction (MTP) head")
         fields = _Fields(text, source, prefix="text_config." if text is not raw else "")
 
-        layer_count = fields.positive_int("num_hidden_layers")
+        layer_count = fields.positive_int("num_hidden_layers", maximum=MAX_LAYERS)
         layer_types = text.get("layer_types")
         if layer_types is None:
-            interval = fields.positive_int("full_attention_interval", default=4)
+            interval = fields.positive_int("full_attention_interval", default=4, maximum=MAX_LAYERS)
             layer_types = [FULL_ATTENTION if (i + 1) % interval == 0 else LINEAR_ATTENTION for i in range(layer_count)]
         if (
             not isinstance(layer_types, list)
@@ -100,20 +105,31 @@ class Qwen35Config:
             )
         for name, expected in (("hidden_act", "silu"), ("attention_bias", False), ("attn_output_gate", True)):
             if text.get(name, expected) != expected:
-                raise QwenMobileError(f"{source}: {fields.prefix}{name} is {text[name]!r}; Qwen3.5 has {expected!r}")
+                raise QwenMobileError(
+                    f"{source}: {fields.prefix}{name} is {_short(text[name])}; Qwen3.5 has {expected!r}"
+                )
 
         # rope settings live in rope_parameters (transformers 5) or at the top level (older files)
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise QwenMobileError(f"{source}: {fields.prefix}rope_parameters must be an object, got {_short(rope)}")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise QwenMobileError(f"{source}: {fields.prefix}rope_parameters.rope_type {rope_type!r} is not supported")
+            raise QwenMobileError(
+                f"{source}: {fields.prefix}rope_parameters.rope_type {_short(rope_type)} is not supported"
+            )
         rope_fields = _Fields({**text, **rope}, source, fields.prefix)
 
         eos = raw.get("eos_token_id", text.get("eos_token_id"))
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        vocab_size = fields.positive_int("vocab_size")
+        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size for i in eos_ids):
+            raise QwenMobileError(
+                f"{source}: eos_token_id must be token ids below vocab_size {vocab_size}, got {_short(eos)}"
+            )
 
         config = cls(
-            vocab_size=fields.positive_int("vocab_size"),
+            vocab_size=vocab_size,
             hidden_size=fields.positive_int("hidden_size"),
             intermediate_size=fields.positive_int("intermediate_size"),
             layer_types=tuple(layer_types),
@@ -121,14 +137,14 @@ class Qwen35Config:
             num_key_value_heads=fields.positive_int("num_key_value_heads"),
             head_dim=fields.positive_int("head_dim"),
             rope_theta=rope_fields.positive_float("rope_theta"),
-            partial_rotary_factor=rope_fields.positive_float("partial_rotary_factor", default=0.25),
+            partial_rotary_factor=rope_fields.positive_float("partial_rotary_factor", default=0.25, maximum=1.0),
             max_position_embeddings=fields.positive_int("max_position_embeddings"),
             linear_num_key_heads=fields.positive_int("linear_num_key_heads"),
             linear_num_value_heads=fields.positive_int("linear_num_value_heads"),
             linear_key_head_dim=fields.positive_int("linear_key_head_dim"),
             linear_value_head_dim=fields.positive_int("linear_value_head_dim"),
-            linear_conv_kernel_dim=fields.positive_int("linear_conv_kernel_dim", default=4),
-            rms_norm_eps=fields.positive_float("rms_norm_eps", default=1e-6),
+            linear_conv_kernel_dim=fields.positive_int("linear_conv_kernel_dim", default=4, maximum=64),
+            rms_norm_eps=fields.positive_float("rms_norm_eps", default=1e-6, maximum=1.0),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
             eos_token_ids=eos_ids,
             model_type=model_type,
@@ -168,28 +184,34 @@ class _Fields:
             raise QwenMobileError(f"{self.source}: {self.prefix}{name} is missing")
         return default
 
-    def positive_int(self, name: str, default: int | None = None) -> int:
+    def positive_int(self, name: str, default: int | None = None, maximum: int = MAX_SIZE) -> int:
         value = self._get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise QwenMobileError(f"{self.source}: {self.prefix}{name} must be a positive integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= maximum:
+            raise QwenMobileError(
+                f"{self.source}: {self.prefix}{name} must be an integer from 1 to {maximum:,}, got {_short(value)}"
+            )
         return value
 
-    def positive_float(self, name: str, default: float | None = None) -> float:
+    def positive_float(self, name: str, default: float | None = None, maximum: float = math.inf) -> float:
         value = self._get(name, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise QwenMobileError(f"{self.source}: {self.prefix}{name} must be a positive number, got {value!r}")
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or not 0 < value <= maximum):
+            raise QwenMobileError(
+                f"{self.source}: {self.prefix}{name} must be a finite number above 0 and at most {maximum:g}, "
+                f"got {_short(value)}"
+            )
         return float(value)
+
+
+def _short(value) -> str:
+    """A value for a one-line message: long or nested values cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def read_config(path: Path) -> tuple[Qwen35Config, str]:
     """The config and a short hash of the file's bytes (the manifest's source identity)."""
     if not path.is_file():
         raise QwenMobileError(f"{path}: not found (a Qwen3.5 checkpoint directory has a config.json)")
-    data = path.read_bytes()
-    try:
-        raw = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise QwenMobileError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(raw, dict):
-        raise QwenMobileError(f"{path}: expected a JSON object")
-    return Qwen35Config.from_dict(raw, source=str(path)), hashlib.sha256(data).hexdigest()[:16]
+    raw = read_json(path)
+    return Qwen35Config.from_dict(raw, source=str(path)), hashlib.sha256(path.read_bytes()).hexdigest()[:16]

@@ -25,9 +25,11 @@ UNGATED = {"skipped": True, "passed": False,
 
 
 def default_out(checkpoint: Checkpoint, backend: str, quant: str) -> Path:
-    """MODEL-BACKEND-QUANT in the current directory, MODEL being the checkpoint directory's own name."""
-    name = Path(checkpoint.source).name if checkpoint.source != "." else checkpoint.path.resolve().name
-    return Path(f"{name or checkpoint.path.resolve().name}-{backend}-{quant}")
+    """MODEL-BACKEND-QUANT in the current directory, MODEL being the checkpoint directory's own
+    name (a hub id's repository name; the embedded model's name)."""
+    source = checkpoint.source
+    name = Path(source).name if Path(source).is_absolute() else source.split("@")[0].rsplit("/", 1)[-1]
+    return Path(f"{name}-{backend}-{quant}")
 
 
 def resolve_lengths(defaults: Lengths, config: Qwen35Config, max_context: int | None) -> Lengths:
@@ -52,6 +54,28 @@ def special_tokens(checkpoint: Checkpoint, bos_token: str | None) -> dict:
     if not eos:
         raise QwenMobileError(f"{checkpoint.path}: neither generation_config.json nor config.json names an eos_token_id")
     return {"bos": None if bos_token is None else token_id(checkpoint.path, bos_token), "eos": eos}
+
+
+def conversation_fields(checkpoint: Checkpoint, tokenizer_config: dict) -> dict:
+    """What an app needs to hold a conversation without a template engine: the chat template,
+    the same as fixed strings (`chat_format`, checked against the template's own rendering; null
+    with a notice when it cannot be expressed so), and generation defaults."""
+    from qwen_mobile import chat_format
+
+    template = tokenizer_config.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise QwenMobileError(
+            f"{checkpoint.path / 'tokenizer_config.json'}: field chat_template: expected a string, got "
+            f"{type(template).__name__} (qwen-mobile reads a single template)"
+        )
+    derived, reason = chat_format.explain(template, tokenizer_config)
+    if template and derived is None:
+        progress.notice(f"chat_format left out of the manifest: {reason}; apps get the template only")
+    return {
+        "chat_template": template,
+        "chat_format": derived,
+        "generation": chat_format.generation_defaults(checkpoint.path, derived),
+    }
 
 
 def token_id(checkpoint_dir: Path, token: str) -> int:
@@ -84,6 +108,7 @@ def export_bundle(
     implementation = spec.load()
     checkpoint = open_checkpoint(model)
     tokenizer_config = read_tokenizer_config(checkpoint.path)
+    conversation = conversation_fields(checkpoint, tokenizer_config)
     tokens = special_tokens(checkpoint, implementation.bos_token)
     lengths = resolve_lengths(implementation.default_lengths, checkpoint.config, max_context)
     out = check_target(out or default_out(checkpoint, spec.name, quant))
@@ -98,9 +123,7 @@ def export_bundle(
         with progress.step(f"lowering for {spec.name}"):
             fields = implementation.lower(ExportTarget(loaded.model, plan, lengths, tokens), staging)
         copy_tokenizer(checkpoint.path, staging)
-        manifest = build_manifest(
-            spec, implementation, checkpoint, plan, lengths, tokens, tokenizer_config.get("chat_template"), fields
-        )
+        manifest = build_manifest(spec, implementation, checkpoint, plan, lengths, tokens, conversation, fields)
         if gate:
             from qwen_mobile.parity import references, require_parity
 

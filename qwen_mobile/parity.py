@@ -111,16 +111,17 @@ class Parity:
 
 def feeding_plan(max_context: int, max_seq_len: int) -> tuple[Spans, Spans]:
     """(start, end) token spans, one per call: (prefill chunks no longer than max_seq_len,
-    decode steps), cut to what max_context holds."""
+    decode steps), cut to what max_context holds (at least one prefill call always fits: the
+    schema and --max-context ask for a context of 2 or more)."""
     prefill = []
     position = 0
     for size in PREFILL_CHUNKS:
-        while size > 0:
-            length = min(size, max_seq_len)
+        while size > 0 and position < max_context:
+            length = min(size, max_seq_len, max_context - position)
             prefill.append((position, position + length))
             position, size = position + length, size - length
-    decode = [(p, p + 1) for p in range(position, position + DECODE_STEPS)]
-    return [s for s in prefill if s[1] <= max_context], [s for s in decode if s[1] <= max_context]
+    decode = [(p, p + 1) for p in range(position, min(position + DECODE_STEPS, max_context))]
+    return prefill, decode
 
 
 def sample_tokens(vocab_size: int, length: int) -> torch.Tensor:
@@ -150,15 +151,21 @@ def relative_diff(reference: torch.Tensor, logits: torch.Tensor) -> float:
     return ((logits - reference).norm(dim=-1) / reference.norm(dim=-1)).max().item()
 
 
-def held_out_tokens(tokenizer_dir: Path, length: int) -> torch.Tensor:
+def held_out_tokens(tokenizer_dir: Path, length: int, vocab_size: int) -> torch.Tensor:
     """The first `length` ids of the held-out corpus split, under the checkpoint's own tokenizer:
     natural text, so top-1 agreement is measured where the model has an opinion, not on the
     near-ties random ids produce."""
     from qwen_mobile.generate import load_tokenizer
 
     ids = load_tokenizer(tokenizer_dir).encode(split_corpus(load_corpus())[1][: length * 16], add_special_tokens=False)
+    path = tokenizer_dir / "tokenizer.json"
     if len(ids) < length:
-        raise ValueError(f"the gate feeds {length} tokens; the held-out text gave {len(ids)}")
+        raise QwenMobileError(f"{path}: encodes the gate's {length * 16} characters of text as {len(ids)} tokens, "
+                              f"fewer than the {length} it feeds")
+    beyond = [token for token in ids[:length] if not 0 <= token < vocab_size]
+    if beyond:
+        raise QwenMobileError(f"{path}: gives token id {beyond[0]}, outside the model's vocab_size {vocab_size} "
+                              "(a tokenizer from another model?)")
     return torch.tensor([ids[:length]])
 
 
@@ -192,8 +199,9 @@ def references(model: Qwen35, lengths: Lengths, plan: QuantPlan, tokenizer_dir: 
     max_context = lengths.max_context
     spans = prefill + decode
     needed = spans[-1][1]
-    tokens = sample_tokens(model.config.vocab_size, needed) if tokenizer_dir is None else held_out_tokens(
-        tokenizer_dir, needed
+    vocab_size = model.config.vocab_size
+    tokens = sample_tokens(vocab_size, needed) if tokenizer_dir is None else held_out_tokens(
+        tokenizer_dir, needed, vocab_size
     )
     with progress.step(f"eager reference: float model, {len(spans)} calls"):
         float_logits = reference_logits(model, tokens, spans, max_context)

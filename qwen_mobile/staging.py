@@ -31,8 +31,10 @@ def check_target(target: Path) -> Path:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise QwenMobileError(f"{target}: cannot be created, {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise QwenMobileError(f"{target}: cannot be created, {ancestor} is not writable")
+    try:  # permissions alone do not say (root, read-only mounts, /proc): create and remove a directory there
+        os.rmdir(tempfile.mkdtemp(prefix=".qwen-mobile-probe-", dir=ancestor))
+    except OSError as error:
+        raise QwenMobileError(f"{target}: cannot be created in {ancestor} ({error.strerror})") from None
     return target
 
 

@@ -17,9 +17,9 @@ Everything here goes through library functions only: the bundle's runner (`open_
   replay_*.json                           multi-turn conversations driven through the bundle's
                                           runner: every call's tokens and position, the top
                                           logits it returned (float32 bit patterns), each reply
-  manifest.json                           the bundle's manifest as format_version 2 will have it
-                                          (files with sizes and digests, chat_format, generation)
-  manifest_tflite.json                    the same for a TFLite bundle, with --tflite BUNDLE
+  manifest.json                           the bundle's manifest (files with sizes and digests,
+                                          chat_format, generation), unchanged
+  manifest_tflite.json                    a TFLite bundle's, with --tflite BUNDLE
 
 A replay engine returns the recorded top-K logits (every other logit -inf) and the Python
 driver samples from exactly those, so the Java and Swift drivers, fed the same logits, must
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import random
 import shutil
@@ -305,28 +304,6 @@ def replay(bundle: Path, name: str, scenario: dict, tokenizer_config: dict) -> d
 # --- manifests ------------------------------------------------------------------------------------
 
 
-def bundle_files(bundle: Path) -> dict:
-    files = {}
-    for path in sorted(p for p in bundle.rglob("*") if p.is_file() and p.name != "manifest.json"):
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        files[path.relative_to(bundle).as_posix()] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-    return files
-
-
-def manifest_v2(bundle: Path) -> dict:
-    """The bundle's manifest with what format_version 2 adds, made with the functions the export will call."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    tokenizer_config = json.loads((bundle / "tokenizer_config.json").read_text())
-    manifest["format_version"] = 2
-    manifest["files"] = bundle_files(bundle)
-    manifest["chat_format"] = cf.derive(manifest.get("chat_template"), tokenizer_config)
-    manifest["generation"] = cf.generation_defaults(EMBEDDED_CHECKPOINT)
-    return manifest
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", type=Path, help="a bundle of the embedded model (qwen-mobile export)")
@@ -347,10 +324,9 @@ def main() -> None:
     write(out, "loop_guard_cases.json", loop_guard_cases())
     for name, scenario in SCENARIOS.items():
         write(out, f"replay_{name}.json", replay(args.bundle, name, scenario, tokenizer_config))
-    manifest = manifest_v2(args.bundle)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    shutil.copyfile(args.bundle / "manifest.json", out / "manifest.json")
     if args.tflite:
-        (out / "manifest_tflite.json").write_text(json.dumps(manifest_v2(args.tflite), indent=1) + "\n")
+        shutil.copyfile(args.tflite / "manifest.json", out / "manifest_tflite.json")
     for path in sorted(out.iterdir()):
         print(f"{path.stat().st_size:>9,d}  {path.name}")
 

@@ -89,3 +89,19 @@ def checkpoints(random_checkpoints) -> dict:
         EMBEDDED_MODEL, dtype=torch.float32, attn_implementation="eager"
     ).eval()
     return {**random_checkpoints, "embedded": (EMBEDDED_MODEL, reference)}
+
+
+@pytest.fixture(scope="session")
+def embedded_bundle(tmp_path_factory):
+    """(backend, quant) -> a bundle of the embedded model written by the real export path, once per
+    test session and shared by every module that asks for it. Tests that change a bundle copy it."""
+    from qwen_mobile.export import export_bundle
+
+    made = {}
+
+    def bundle(backend: str, quant: str):
+        if (backend, quant) not in made:
+            made[backend, quant] = export_bundle(None, backend, quant, tmp_path_factory.mktemp(f"{backend}-{quant}") / "bundle")
+        return made[backend, quant]
+
+    return bundle

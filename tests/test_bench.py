@@ -22,11 +22,9 @@ cli = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory) -> Path:
-    """The embedded model as an ExecuTorch fp32 bundle, exported once for this module."""
-    from qwen_mobile.export import export_bundle
-
-    return export_bundle(None, "executorch", "fp32", tmp_path_factory.mktemp("bench") / "tiny-executorch-fp32")
+def tiny_bundle(embedded_bundle) -> Path:
+    """The embedded model as an ExecuTorch fp32 bundle."""
+    return embedded_bundle("executorch", "fp32")
 
 
 def json_output(result) -> dict:

@@ -29,9 +29,9 @@ def loaded():
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    """A bundle written by the real export path (embedded model, default scheme fp32)."""
-    return export_bundle(None, "coreml", "fp32", tmp_path_factory.mktemp("coreml") / "bundle")
+def exported(embedded_bundle) -> Path:
+    """A bundle written by the real export path (embedded model, fp32)."""
+    return embedded_bundle("coreml", "fp32")
 
 
 @pytest.fixture(scope="module")

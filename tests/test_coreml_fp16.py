@@ -11,7 +11,6 @@ import torch
 from qwen_mobile.backends.coreml import BACKEND, backend, drift, emulator
 from qwen_mobile.bundle import gate_bundle
 from qwen_mobile.checkpoint import load
-from qwen_mobile.export import export_bundle
 
 pytest.importorskip("coremltools")
 
@@ -19,8 +18,8 @@ FP16, FP32 = 10, 11
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    return export_bundle(None, "coreml", None, tmp_path_factory.mktemp("coreml16") / "bundle")  # fp16: the default
+def exported(embedded_bundle) -> Path:
+    return embedded_bundle("coreml", "fp16")  # the backend's default
 
 
 @pytest.fixture(scope="module")

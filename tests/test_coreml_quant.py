@@ -30,8 +30,8 @@ def loaded():
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    return export_bundle(None, "coreml", "int4", tmp_path_factory.mktemp("coreml4") / "bundle")
+def exported(embedded_bundle) -> Path:
+    return embedded_bundle("coreml", "int4")
 
 
 @pytest.fixture(scope="module")

@@ -36,9 +36,9 @@ def loaded(source):
 
 
 @pytest.fixture(scope="module")
-def exported(source, tmp_path_factory) -> Path:
-    """A bundle written by the real export path, with the default quant scheme."""
-    return export_bundle(source, "executorch", None, tmp_path_factory.mktemp("export") / "bundle")
+def exported(embedded_bundle) -> Path:
+    """A bundle written by the real export path, with the default quant scheme (fp32)."""
+    return embedded_bundle("executorch", "fp32")
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,12 @@ import torch
 from qwen_mobile.backends.executorch import BACKEND
 from qwen_mobile.bundle import gate_bundle
 from qwen_mobile.checkpoint import load
-from qwen_mobile.export import export_bundle
 from qwen_mobile.quant.plan import make_plan, resolve_scheme, scheme_from_manifest
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    return export_bundle(None, "executorch", "8da4w", tmp_path_factory.mktemp("export") / "bundle")
+def exported(embedded_bundle) -> Path:
+    return embedded_bundle("executorch", "8da4w")
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +106,8 @@ def test_run_generates_text_through_the_quantized_program(exported):
 
 
 @pytest.fixture(scope="module")
-def exported_int8(tmp_path_factory) -> Path:
-    return export_bundle(None, "executorch", "int8", tmp_path_factory.mktemp("export") / "bundle")
+def exported_int8(embedded_bundle) -> Path:
+    return embedded_bundle("executorch", "int8")
 
 
 def test_weight_only_int8_holds_the_plans_integers_and_float_scales(exported_int8):

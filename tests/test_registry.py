@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import qwen_mobile.backends
 import qwen_mobile.cli
-from qwen_mobile.bundle import verify_bundle
+from qwen_mobile.bundle import manifest_digest, verify_bundle
 from qwen_mobile.cli import app
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.export import export_bundle
@@ -98,6 +98,7 @@ def test_a_manifest_off_the_schema_is_a_one_line_error_naming_the_field(toy_back
     bundle = export_bundle(None, toy_backend, None, tmp_path / "bundle")
     manifest = json.loads((bundle / "manifest.json").read_text())
     del manifest["special_tokens"]["eos"]
+    manifest["manifest_sha256"] = manifest_digest(manifest)  # as an editor who knows the digest would
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(QwenMobileError, match="manifest.json: field special_tokens: 'eos' is a required property"):
         verify_bundle(bundle)

@@ -54,10 +54,22 @@ class TFLiteModel:
             raise QwenMobileError(f"{path}: the LiteRT interpreter cannot load it ({first_line(error)})") from None
         self.path, self.feeds, self.max_context = Path(path), dict(feeds), max_context
         details = self.prefill.get_input_details()
+        self.check_feeds(details)
         self.chunk = int(details["tokens"]["shape"][1])
         self.state = {
             name: np.zeros(details[name]["shape"], dtype=details[name]["dtype"]) for name in self.feeds.values()
         }
+
+    def check_feeds(self, prefill_inputs: dict) -> None:
+        """Every state_feeds entry names an output and an input both signatures have, and every
+        input but the tokens, position and length is fed: a manifest cannot leave state unfed."""
+        for signature in (self.prefill, self.decode):
+            inputs, outputs = set(signature.get_input_details()), set(signature.get_output_details())
+            fed = set(self.feeds.values())
+            wrong = sorted((set(self.feeds) - outputs) | (fed - inputs) | (inputs - fed - {"tokens", "input_pos", "length"}))
+            if wrong or "tokens" not in prefill_inputs:
+                raise QwenMobileError(f"manifest.json: field state_feeds: does not match {self.path.name}'s signatures "
+                                      f"(at {wrong[0] if wrong else 'tokens'})")
 
     def step(self, tokens, start: int) -> np.ndarray:
         """Feed tokens (a sequence of ids) at positions start.. and return the last one's logits [vocab]."""

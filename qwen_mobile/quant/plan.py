@@ -77,10 +77,18 @@ def resolve_scheme(name: str, group_size: int | None = None, embeddings_8bit: bo
     )
 
 
-def scheme_from_manifest(quant: dict) -> QuantScheme:
-    """The scheme a bundle's manifest records, to rebuild its plan for `verify`."""
+def scheme_from_manifest(quant: dict, where: str = "manifest.json") -> QuantScheme:
+    """The scheme a bundle's manifest records, to rebuild its plan for `verify`; a value no export
+    writes is an error naming the manifest's field (never a CLI flag)."""
+    table = scheme_table()
+    if quant["scheme"] not in table:
+        raise QwenMobileError(f"{where}: field quant/scheme: {quant['scheme']!r} is not a scheme ({', '.join(table)})")
     group_size = quant.get("group_size") or None
-    default = scheme_table().get(quant["scheme"], {}).get("group_size")
+    default = table[quant["scheme"]]["group_size"]
+    if default is not None and group_size is not None and group_size not in GROUP_SIZES:
+        raise QwenMobileError(
+            f"{where}: field quant/group_size: {group_size} is not one of {', '.join(map(str, GROUP_SIZES))}"
+        )
     return resolve_scheme(
         quant["scheme"],
         group_size=group_size if default is not None else None,
