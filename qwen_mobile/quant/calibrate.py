@@ -161,3 +161,55 @@ def load_calibration(
 def calibration_summary(name_or_path: str | Path, samples: list[list[int]]) -> dict:
     """What a plan records about the text it was calibrated on."""
     return {"set": str(name_or_path), "samples": len(samples), "tokens": sum(len(s) for s in samples)}
+
+
+METHODS = ("rtn", "gptq")
+
+
+def calibrated_plan(
+    model,
+    scheme,
+    method: str = "rtn",
+    samples: list[list[int]] | None = None,
+    keep_8bit: list[str] | str = (),
+    size_budget: float | None = None,
+    calibration: str | None = None,
+    options=None,
+):
+    """The plan `qwen-mobile export` encodes: `method` rtn (plan.make_plan, unchanged) or gptq
+    (quant/gptq.py), with `keep_8bit` weight names or "auto" at 8 bits per channel
+    (quant/mixed.py; `size_budget` bounds auto, default +10% over the 4-bit bytes). `samples`
+    are load_calibration's token ids, needed by gptq and auto; `calibration` names the set they
+    came from, for the plan's record. Bad requests are one-line QwenMobileErrors naming the flag."""
+    from qwen_mobile.quant.gptq import gptq_plan
+    from qwen_mobile.quant.mixed import DEFAULT_SIZE_BUDGET, mixed_plan
+    from qwen_mobile.quant.plan import make_plan
+
+    if method not in METHODS:
+        raise QwenMobileError(f"--method {method!r} is unknown; methods: {', '.join(METHODS)}")
+    mixed = keep_8bit == "auto" or bool(keep_8bit)
+    if scheme.is_float:
+        if method != "rtn" or mixed:
+            raise QwenMobileError(f"--method and --keep-8bit apply to quantized schemes, not to {scheme.name}")
+        return make_plan(model, scheme)
+    if size_budget is not None and keep_8bit != "auto":
+        raise QwenMobileError("--size-budget bounds --keep-8bit auto; name auto or leave the budget out")
+    budget = DEFAULT_SIZE_BUDGET if size_budget is None else size_budget
+    if budget < 0:
+        raise QwenMobileError(f"--size-budget {budget}: a fraction >= 0 (0.1 is +10% over the 4-bit size)")
+    needs_samples = method == "gptq" or keep_8bit == "auto"
+    if needs_samples and not samples:
+        flag = "--method gptq" if method == "gptq" else "--keep-8bit auto"
+        raise QwenMobileError(f"{flag} needs calibration text (--calibration); it got no samples")
+    try:
+        if mixed:
+            plan = mixed_plan(model, scheme, samples or [], method, keep_8bit, budget, options)
+        elif method == "gptq":
+            plan = gptq_plan(model, scheme, samples, options=options)
+        else:
+            return make_plan(model, scheme)
+    except ValueError as error:  # unknown weight names in keep_8bit, a Hessian that stays singular
+        raise QwenMobileError(f"--keep-8bit / --method {method}: {error}") from None
+    if samples and needs_samples:
+        plan.calibration = {**(plan.calibration or {}), **calibration_summary(calibration or "given", samples)}
+    return plan
