@@ -26,14 +26,14 @@ import torch
 if __package__ in (None, ""):  # run as a script from a source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qwen_mobile.checkpoint import EMBEDDED_MODEL, load  # noqa: E402
-from qwen_mobile.corpus import load_corpus, split_corpus  # noqa: E402
-from qwen_mobile.generate import load_tokenizer  # noqa: E402
-from qwen_mobile.quant.calibrate import DEFAULT_MAX_SAMPLES, DEFAULT_MAX_TOKENS, DEFAULT_SET, load_calibration  # noqa: E402
-from qwen_mobile.quant.eager import dequantized  # noqa: E402
-from qwen_mobile.quant.gptq import calibration_logits, gptq_plan  # noqa: E402
-from qwen_mobile.quant.mixed import mixed_plan, plan_bytes  # noqa: E402
-from qwen_mobile.quant.plan import make_plan, resolve_scheme  # noqa: E402
+from qwen_mobile.checkpoint import EMBEDDED_MODEL, load
+from qwen_mobile.corpus import load_corpus, split_corpus
+from qwen_mobile.generate import load_tokenizer
+from qwen_mobile.quant.calibrate import DEFAULT_MAX_SAMPLES, DEFAULT_MAX_TOKENS, DEFAULT_SET, load_calibration
+from qwen_mobile.quant.eager import dequantized
+from qwen_mobile.quant.gptq import calibration_logits, gptq_plan
+from qwen_mobile.quant.mixed import mixed_plan, plan_bytes
+from qwen_mobile.quant.plan import make_plan, resolve_scheme
 
 WINDOW = 256
 
@@ -76,25 +76,30 @@ def run_quality(args) -> list[dict]:
     windows = held_out_windows(tokenizer)
     reference = log_probs(model, windows)
     rows = [{"plan": "float", **quality(model, windows, reference), "bytes": None, "seconds": 0.0}]
+
+    def done(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "sensitivity"}), file=sys.stderr, flush=True)
+
     base = make_plan(model, scheme)
-    rows.append({"plan": f"RTN {args.quant} g{scheme.group_size}", **quality(model, windows, reference, base),
-                 "bytes": plan_bytes(base), "seconds": 0.0})
+    done({"plan": f"RTN {args.quant} g{scheme.group_size}", **quality(model, windows, reference, base),
+          "bytes": plan_bytes(base), "seconds": 0.0})
     for name in args.calibration:
         samples = load_calibration(name, tokenizer, DEFAULT_MAX_SAMPLES, DEFAULT_MAX_TOKENS)
         started = time.perf_counter()
         plan = gptq_plan(model, scheme, samples)
         seconds = time.perf_counter() - started
-        rows.append({"plan": f"GPTQ ({name})", **quality(model, windows, reference, plan),
-                     "bytes": plan_bytes(plan), "seconds": seconds})
+        done({"plan": f"GPTQ ({name})", **quality(model, windows, reference, plan),
+              "bytes": plan_bytes(plan), "seconds": seconds})
         if args.auto:
             for method in ("gptq", "rtn"):
                 started = time.perf_counter()
                 mixed = mixed_plan(model, scheme, samples, method=method, keep_8bit="auto")
                 seconds = time.perf_counter() - started
                 record = mixed.calibration["keep_8bit"]
-                rows.append({"plan": f"{method.upper()} + auto 8-bit ({name})", **quality(model, windows, reference, mixed),
-                             "bytes": plan_bytes(mixed), "seconds": seconds, "kept": record["kept"],
-                             "sensitivity": record["sensitivity"]})
+                done({"plan": f"{method.upper()} + auto 8-bit ({name})", **quality(model, windows, reference, mixed),
+                      "bytes": plan_bytes(mixed), "seconds": seconds, "kept": record["kept"],
+                      "sensitivity": record["sensitivity"]})
         print(f"measured with calibration set {name}", file=sys.stderr, flush=True)
     float_ppl, rtn_increase = rows[0]["perplexity"], rows[1]["perplexity"] - rows[0]["perplexity"]
     print("| plan | perplexity | increase | cut vs RTN | mean KL | top-1 | plan bytes | seconds |")
@@ -115,14 +120,23 @@ def run_quality(args) -> list[dict]:
 
 
 def run_cost(args) -> None:
+    from qwen_mobile import progress
+
     torch.set_num_threads(args.threads)
+    begun = time.perf_counter()
+
+    def listen(step: str, seconds: float | None) -> None:
+        if seconds is not None:
+            print(f"[{time.perf_counter() - begun:7.1f} s] {step}: {seconds:.1f} s", file=sys.stderr, flush=True)
+
     started = time.perf_counter()
     loaded = load(args.checkpoint)
     tokenizer = load_tokenizer(loaded.checkpoint.path)
     samples = load_calibration(args.calibration, tokenizer, args.samples, args.max_tokens)
     loading = time.perf_counter() - started
     started = time.perf_counter()
-    plan = gptq_plan(loaded.model.eval(), resolve_scheme(args.quant), samples)
+    with progress.reporting(listen):
+        plan = gptq_plan(loaded.model.eval(), resolve_scheme(args.quant), samples)
     seconds = time.perf_counter() - started
     print(json.dumps({
         "checkpoint": args.checkpoint, "samples": len(samples), "tokens": sum(map(len, samples)),

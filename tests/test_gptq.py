@@ -162,7 +162,11 @@ def test_searched_scales_never_round_worse_than_round_to_nearest():
     importance = torch.rand(96, generator=torch.Generator().manual_seed(6))
     for given in (None, importance):
         scale = searched_scale(weight, spec, given)
-        cost = lambda q: ((q.dequantize() - weight) ** 2 * (1 if given is None else given)).reshape(64, 3, 32).sum(-1)
+        weights = torch.ones(96) if given is None else given
+
+        def cost(q, weights=weights):
+            return ((q.dequantize() - weight) ** 2 * weights).reshape(64, 3, 32).sum(-1)
+
         assert torch.all(cost(rounded_weight(weight, spec, scale)) <= cost(rtn_weight(weight, spec)) + 1e-12)
         assert (scale < rtn_weight(weight, spec).scale).float().mean() > 0.2  # the search finds better, often
 

@@ -47,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -374,7 +374,7 @@ class GptqOptions:
     RTN: 0.0208), never on the held-out text (docs/quantization-calibration.md has the table)."""
 
     damp: float = DEFAULT_DAMP  # 0.1 and 0.001 measured the same (KL 0.0132, 0.0136 against 0.0137)
-    act_order: bool = True  # off: KL 0.0188 against 0.0182 and perplexity +0.91 against +0.69
+    act_order: bool = True  # off: KL 0.0134 against 0.0127 (with every other default)
     # later layers calibrated on the outputs of already-quantized ones: KL 0.0129 against 0.0127
     # without, at twice the forward passes, so off
     sequential: bool = False

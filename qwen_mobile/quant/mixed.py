@@ -19,22 +19,14 @@ XNNPACK stores none). Float parts of the model are the same under any plan and l
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from qwen_mobile import progress
 from qwen_mobile.models.qwen3_5 import Qwen35
 from qwen_mobile.quant.eager import dequantized
-from qwen_mobile.quant.gptq import (
-    EMBEDDING,
-    GPTQ_METHOD,
-    GptqOptions,
-    calibration_logits,
-    gptq_plan,
-    rtn_plan,
-    weight_specs,
-)
+from qwen_mobile.quant.gptq import GptqOptions, calibration_logits, gptq_plan, rtn_plan, weight_specs
 from qwen_mobile.quant.plan import QuantPlan, QuantScheme
 
 DEFAULT_SIZE_BUDGET = 0.10  # fraction over the plain 4-bit plan's bytes
@@ -147,7 +139,7 @@ def mixed_plan(
             "each that fits the size budget"
         )
     else:
-        specs, _ = weight_specs(model, scheme, keep_8bit)  # checks the names
+        weight_specs(model, scheme, keep_8bit)  # checks the names
         figures = {}
         kept = {name: {"requested": True} for name in keep_8bit}
         rule = "named"
@@ -166,6 +158,3 @@ def mixed_plan(
     }
     return plan
 
-
-__all__ = ["DEFAULT_SIZE_BUDGET", "added_bytes", "choose_8bit", "mixed_plan", "plan_bytes", "sensitivities",
-           "GPTQ_METHOD", "EMBEDDING"]
