@@ -241,24 +241,27 @@ def gptq_weight(
         torch.argsort(hessian.diagonal(), descending=True, stable=True) if act_order else torch.arange(columns)
     )
     hessian = hessian[order][:, order]
-    work = work[:, order]
-    step = scale.repeat_interleave(spec.group_size, dim=1)[:, order]
+    # columns as rows ([columns, rows], each column contiguous): on a CPU every per-column read,
+    # write and rank-1 update below then walks memory in order (3x faster at the 0.8B shapes)
+    work = work[:, order].T.contiguous()
+    step = scale.repeat_interleave(spec.group_size, dim=1)[:, order].T.contiguous()
     inverse_step = 1.0 / step  # quantize_affine multiplies by the reciprocal: the same arithmetic as RTN
     hinv, _ = _upper_cholesky_of_inverse(hessian, damp)
-    qdata = torch.empty(rows, columns, dtype=torch.int8)
+    qdata = torch.empty(columns, rows, dtype=torch.int8)
     for start in range(0, columns, block):
         end = min(start + block, columns)
-        chunk = work[:, start:end].clone()
+        chunk = work[start:end].clone()
         errors = torch.empty_like(chunk)
         local = hinv[start:end, start:end]
         for i in range(end - start):
-            column = chunk[:, i]
-            q = torch.clamp(torch.round(column * inverse_step[:, start + i]), qmin, qmax)
-            qdata[:, start + i] = q.to(torch.int8)
-            error = (column - q * step[:, start + i]) / local[i, i]
-            chunk[:, i:] -= error[:, None] * local[i, i:][None, :]
-            errors[:, i] = error
-        work[:, end:] -= errors @ hinv[start:end, end:]
+            column = chunk[i]
+            q = torch.clamp(torch.round(column * inverse_step[start + i]), qmin, qmax)
+            qdata[start + i] = q.to(torch.int8)
+            error = (column - q * step[start + i]) / local[i, i]
+            chunk[i:] -= local[i, i:, None] * error[None, :]
+            errors[i] = error
+        work[end:] -= hinv[start:end, end:].T @ errors
+    qdata = qdata.T
     qdata = qdata[:, torch.argsort(order)].contiguous()
     zero_point = torch.zeros_like(scale, dtype=torch.int8)
     return QuantizedWeight(qdata, scale, zero_point, spec.bits, spec.group_size, spec.activations)
@@ -281,8 +284,8 @@ def calibration_logits(model: Qwen35, tokens: Sequence[int]) -> torch.Tensor:
 
 
 class HessianCollector:
-    """Forward pre-hooks on linears that accumulate X^T X of their inputs (float64 sums, so a
-    long calibration set adds up without drift). Linears fed the very same tensor (q/k/v, the
+    """Forward pre-hooks on linears that accumulate X^T X of their inputs (each call's product
+    in float32, the running sums in float64, so a long calibration set adds up without drift). Linears fed the very same tensor (q/k/v, the
     DeltaNet input projections, gate/up) share one accumulator."""
 
     def __init__(self, modules: dict[str, nn.Module]):
@@ -299,11 +302,12 @@ class HessianCollector:
                 self.owner[name] = self._last[1]
                 return
             key = self.owner.setdefault(name, name)
-            flat = x.detach().reshape(-1, x.shape[-1]).double()
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
             if key not in self.sums:
                 self.sums[key] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64)
                 self.rows[key] = 0
-            self.sums[key] += flat.T @ flat
+            # one sample's X^T X in float32 (4x faster than float64 at 0.8B), summed in float64
+            self.sums[key] += (flat.T @ flat).double()
             self.rows[key] += flat.shape[0]
             self._last = (x, key)
 
@@ -456,7 +460,7 @@ def gptq_plan(
         else:
             with progress.step("GPTQ lm_head"):
                 inputs = runner.final_normed()
-                hessian = sum(x[0].double().T @ x[0].double() for x in inputs) / sum(x.shape[1] for x in inputs)
+                hessian = sum((x[0].T @ x[0]).double() for x in inputs) / sum(x.shape[1] for x in inputs)
                 if tied and options.lookup_weight:
                     hessian = hessian / hessian.diagonal().mean()
                     hessian.diagonal().add_(options.lookup_weight)
