@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from qwen_mobile.checkpoint import load
-from qwen_mobile.models.qwen3_5 import init_state
 from qwen_mobile.quant.gptq import (
     GPTQ_METHOD,
     SCALE_SHRINK,
@@ -119,7 +118,7 @@ def test_the_layerwise_runner_is_the_models_own_forward(model, samples):
             runner.advance(runner.run_layer(index))
         for sample, normed in zip(samples, runner.final_normed()):
             ids = torch.tensor([sample])
-            expected, _ = model(ids, torch.tensor([0]), init_state(model.config, len(sample)), all_positions=True)
+            expected, _ = model(ids, torch.tensor([0]), model.init_state(len(sample)), all_positions=True)
             assert torch.allclose(model.lm_head(normed), expected, atol=1e-5, rtol=0)
 
 

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from qwen_mobile import progress
-from qwen_mobile.models.qwen3_5 import Qwen35, init_state
+from qwen_mobile.models.qwen3_5 import Qwen35
 from qwen_mobile.quant.eager import dequantized
 from qwen_mobile.quant.plan import (
     EMBEDDINGS,
@@ -271,9 +271,8 @@ def gptq_weight(
 
 
 def fresh_state(model: Qwen35, max_context: int):
-    """A new sequence's state: the one place calibration makes one (the model may grow an
-    init_state method; then this line changes and nothing else)."""
-    return init_state(model.config, max_context)
+    """A new sequence's state: the one place calibration makes one."""
+    return model.init_state(max_context)
 
 
 def calibration_logits(model: Qwen35, tokens: Sequence[int]) -> torch.Tensor:
