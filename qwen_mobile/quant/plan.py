@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -171,6 +171,10 @@ class QuantPlan:
     scheme: QuantScheme
     weights: dict[str, QuantizedWeight]  # the model's parameter name -> its quantized form
     kept_float: list[str] = field(default_factory=list)  # linears deliberately left in float
+    method: str = "round_to_nearest_symmetric"  # how the integers were chosen (quant/gptq.py: gptq_symmetric)
+    # how a calibrated plan was made: calibration set, options, and for mixed precision the
+    # weights kept at 8 bits with their measured sensitivities (quant/mixed.py); None for RTN
+    calibration: dict | None = None
 
     def group_fallbacks(self) -> list[str]:
         """Weights whose width the scheme's group size does not divide: one scale per row instead."""
@@ -190,7 +194,7 @@ class QuantPlan:
             "group_size": scheme.group_size or 0,  # 0: per output channel
             "activations": scheme.activations,
             "embedding_bits": scheme.embedding_bits,
-            "method": "round_to_nearest_symmetric",
+            "method": self.method,
             "higher_precision": sorted(
                 [n for n in self.kept_float]
                 + [n for n, w in self.weights.items() if w.bits > scheme.weight_bits]
@@ -200,6 +204,7 @@ class QuantPlan:
                 name: {"bits": w.bits, "group_size": w.group_size, "activations": w.activations}
                 for name, w in self.weights.items()
             },
+            **({"calibration": self.calibration} if self.calibration else {}),
         }
 
 
@@ -264,3 +269,78 @@ def make_plan(model: nn.Module, scheme: QuantScheme) -> QuantPlan:
             narrow = bits == 8 and scheme.activations is not None
             plan.weights[name] = round_to_nearest(weight, bits, group, activations, narrow)
     return plan
+
+
+# --- a plan on disk: what a bundle carries so `verify` checks against it instead of re-deciding it
+
+PLAN_FORMAT = 1
+PLAN_HEADER = "qwen_mobile.quant_plan"
+
+
+def save_plan(plan: QuantPlan, path: str | Path) -> Path:
+    """Write `plan` as one safetensors file: each weight's integers (int8), scales (float32)
+    and zero points (int8) as tensors `<name>:qdata`, `<name>:scale`, `<name>:zero_point`, and
+    a JSON header (metadata key qwen_mobile.quant_plan) with the scheme, method, kept-float
+    linears, calibration record and each weight's bits, group size and activations. A weight
+    that shares another's integers (a tied lm_head) is stored once and says whose it holds."""
+    from safetensors.torch import save_file
+
+    tensors, entries, owners = {}, {}, {}
+    for name, weight in plan.weights.items():
+        owner = owners.setdefault(id(weight.qdata), name)
+        if owner == name:
+            tensors[f"{name}:qdata"] = weight.qdata.contiguous()
+            tensors[f"{name}:scale"] = weight.scale.float().contiguous()
+            tensors[f"{name}:zero_point"] = weight.zero_point.contiguous()
+        entries[name] = {
+            "bits": weight.bits,
+            "group_size": weight.group_size,
+            "activations": weight.activations,
+            "integers_of": None if owner == name else owner,
+        }
+    header = {
+        "format": PLAN_FORMAT,
+        "scheme": asdict(plan.scheme),
+        "method": plan.method,
+        "kept_float": list(plan.kept_float),
+        "calibration": plan.calibration,
+        "weights": entries,
+    }
+    path = Path(path)
+    save_file(tensors, str(path), metadata={PLAN_HEADER: json.dumps(header)})
+    return path
+
+
+def load_plan(path: str | Path) -> QuantPlan:
+    """The plan save_plan wrote, bit for bit (a tied lm_head shares the embedding's tensors again)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if PLAN_HEADER not in metadata:
+                raise QwenMobileError(f"{path}: not a quantization plan (no {PLAN_HEADER} header)")
+            header = json.loads(metadata[PLAN_HEADER])
+            if header.get("format") != PLAN_FORMAT:
+                raise QwenMobileError(f"{path}: plan format {header.get('format')!r}; this version reads {PLAN_FORMAT}")
+            weights: dict[str, QuantizedWeight] = {}
+            for name, entry in header["weights"].items():
+                owner = entry["integers_of"]
+                if owner is None:
+                    qdata, scale, zero_point = (handle.get_tensor(f"{name}:{part}") for part in ("qdata", "scale", "zero_point"))
+                else:
+                    if owner not in weights:
+                        raise QwenMobileError(f"{path}: {name} shares the integers of {owner}, which comes later or not at all")
+                    qdata, scale, zero_point = weights[owner].qdata, weights[owner].scale, weights[owner].zero_point
+                weights[name] = QuantizedWeight(
+                    qdata, scale, zero_point, entry["bits"], entry["group_size"], entry["activations"]
+                )
+            return QuantPlan(
+                QuantScheme(**header["scheme"]), weights, list(header["kept_float"]), header["method"],
+                header["calibration"],
+            )
+    except (SafetensorError, OSError) as error:
+        raise QwenMobileError(f"{path}: not a readable safetensors file ({error})") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise QwenMobileError(f"{path}: malformed plan header ({type(error).__name__}: {error})") from None
