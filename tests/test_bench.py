@@ -171,30 +171,93 @@ def figures(prefill_ms: float, decode_ms: float, rss: int) -> dict:
             "decode": {"128": bench.summary([decode_ms / 1e3], 8, positions=[128, 135], ms_per_token=decode_ms / 8)}}
 
 
-def test_artifacts_are_measured_in_rounds_and_bounded_by_the_readings_beside_them(monkeypatch, tmp_path):
+def test_artifacts_are_measured_in_rounds_and_bounded_by_the_readings_beside_them(tmp_path):
     """Two artifacts, three rounds, measured a, b, a, b, a, b with a bandwidth reading before the
     first and after each: figures are medians over the rounds, peak memory the highest, and each
     round's bandwidth is the higher reading around it (a: 70, 60, 90 -> 70; b: 70, 80, 90 -> 80)."""
-    script = load_script()
     readings = iter([30e9, 70e9, 20e9, 60e9, 80e9, 90e9, 40e9])
-    monkeypatch.setattr(bench, "measure_bandwidth", lambda: {
-        "read_bytes_per_s": next(readings), "copy_bytes_per_s": 1.0, "method": "stub"})
     decode_ms = iter([100.0, 200.0, 300.0, 250.0, 110.0, 210.0])
     order = []
 
-    def measure(path, log, runs):
-        order.append((path.name, runs))
+    def measure(name, path, index):
+        order.append((name, path.name, index))
         return figures(1000.0, next(decode_ms), rss=len(order))
 
-    monkeypatch.setattr(script, "measure", measure)
-    results, bandwidth = script.measure_interleaved({"a": tmp_path / "a", "b": tmp_path / "b"}, tmp_path, 3)
-    assert order == [("a", 1), ("b", 1)] * 3
+    results, bandwidth = bench.measure_interleaved(
+        {"a": tmp_path / "a.pte", "b": tmp_path / "b"}, measure, 3,
+        read_bandwidth=lambda: {"read_bytes_per_s": next(readings), "copy_bytes_per_s": 1.0, "method": "stub"})
+    assert order == [("a", "a.pte", 0), ("b", "b", 0), ("a", "a.pte", 1), ("b", "b", 1), ("a", "a.pte", 2), ("b", "b", 2)]
+    assert bandwidth["readings"] == [30e9, 70e9, 20e9, 60e9, 80e9, 90e9, 40e9]
     assert bandwidth["per_artifact"] == {"a": 70e9, "b": 80e9}
     assert results["a"]["decode"]["128"]["median_ms"] == pytest.approx(110.0)  # of 100, 300, 110
     assert results["b"]["decode"]["128"]["median_ms"] == pytest.approx(210.0)  # of 200, 250, 210
     assert results["a"]["decode"]["128"]["tokens_per_s"] == pytest.approx(8 / 0.110)
+    assert results["a"]["decode"]["128"]["ms_per_token"] == pytest.approx(110.0 / 8)
     assert results["a"]["prefill"]["512"] == {"skipped": "n/a"} and results["a"]["runs"] == 3
+    assert results["a"]["ttft_ms"] == pytest.approx(1000.0) and len(results["a"]["rounds"]) == 3
     assert results["a"]["peak_rss_bytes"] == 5 and results["b"]["peak_rss_bytes"] == 6
+
+
+def test_an_artifact_that_fails_is_not_measured_again_and_reports_its_error():
+    readings = iter([float(i) for i in range(1, 20)])
+    order = []
+
+    def measure(name, path, index):
+        order.append((name, index))
+        return {"error": "error: boom"} if name == "bad" else figures(1000.0, 100.0, rss=1)
+
+    results, bandwidth = bench.measure_interleaved(
+        {"bad": Path("bad"), "good": Path("good")}, measure, 3,
+        read_bandwidth=lambda: {"read_bytes_per_s": next(readings), "copy_bytes_per_s": 1.0, "method": "stub"})
+    assert order == [("bad", 0), ("good", 0), ("good", 1), ("good", 2)]
+    assert results["bad"] == {"error": "error: boom"} and results["good"]["runs"] == 3
+    assert len(bandwidth["readings"]) == 5
+    assert bench.combine_rounds([figures(1000.0, 100.0, 1), {"error": "late"}]) == {"error": "late"}
+
+
+def test_weight_bytes_follow_the_plan_and_count_a_tied_table_once():
+    from qwen_mobile.checkpoint import open_checkpoint
+    from qwen_mobile.models.qwen3_5 import Qwen35
+
+    config = open_checkpoint(None).config
+    assert config.tie_word_embeddings
+    with torch.device("meta"):
+        model = Qwen35(config)
+    parameters = dict(model.named_parameters())  # a tied lm_head is listed once
+    table = config.vocab_size * config.hidden_size
+    assert bench.weight_bytes_estimate(config, None) == (4 * sum(p.numel() for p in parameters.values()), 4 * table)
+    # one 4-bit linear in groups of 32 and an 8-bit per-channel table: every other weight stays fp32
+    name = next(n for n, p in parameters.items() if p.dim() == 2 and "embed" not in n)
+    rows, columns = parameters[name].shape
+    quant = {"layers": {name: {"bits": 4, "group_size": 32}}, "embedding_bits": 8}
+    total, embedding = bench.weight_bytes_estimate(config, quant)
+    assert total == 4 * sum(p.numel() for p in parameters.values()) - 4 * rows * columns + (
+        rows * columns // 2 + rows * (columns // 32) * 4)
+    assert embedding == table + config.vocab_size * 4  # int8 + one scale per row
+
+
+def test_decode_bounds_use_the_reading_beside_each_artifact_and_drop_a_separate_table():
+    from qwen_mobile.checkpoint import open_checkpoint
+    from qwen_mobile.info import describe
+
+    checkpoint = open_checkpoint(None)
+    shared, table = bench.weight_bytes_estimate(checkpoint.config, None)
+    info = describe(checkpoint)
+    state, kv = info["recurrent_state_bytes_per_sequence"], info["kv_cache_bytes_per_token"]["fp32"]
+    decode = {"128": bench.summary([0.1], 8, positions=[128, 151], ms_per_token=12.5), "1024": {"skipped": "n/a"}}
+    results = {"tied": {"artifact_bytes": shared, "decode": decode},
+               "apart": {"artifact_bytes": shared + table, "decode": decode},
+               "unknown": {"artifact_bytes": shared, "decode": decode}}
+    bounds = bench.decode_bounds(results, checkpoint, {"tied": 1e9, "apart": 2e9, "unknown": 1e9},
+                                 {"tied": None, "apart": None})
+    assert set(bounds) == {"tied", "apart"}  # no quantization known: no bound
+    assert not bounds["tied"]["embedding_stored_apart"] and bounds["apart"]["embedding_stored_apart"]
+    for name, bandwidth in (("tied", 1e9), ("apart", 2e9)):
+        at = bounds[name]["contexts"]
+        assert set(at) == {"128"}
+        assert at["128"]["bytes_per_step"] == shared + state + kv * 139  # the middle of positions 128..151
+        assert at["128"]["bound_tokens_per_s"] == pytest.approx(bandwidth / at["128"]["bytes_per_step"])
+        assert at["128"]["fraction"] == pytest.approx(80.0 / at["128"]["bound_tokens_per_s"])
 
 
 def test_time_v_output_is_parsed(tmp_path):
@@ -202,3 +265,4 @@ def test_time_v_output_is_parsed(tmp_path):
     log.write_text("\tElapsed (wall clock) time (h:mm:ss or m:ss): 12:03.50\n"
                    "\tMaximum resident set size (kbytes): 7340032\n")
     assert load_script().parse_time_v(log) == {"wall_s": 723.5, "peak_rss_bytes": 7340032 * 1024, "log": str(log)}
+
