@@ -266,3 +266,94 @@ def test_time_v_output_is_parsed(tmp_path):
                    "\tMaximum resident set size (kbytes): 7340032\n")
     assert load_script().parse_time_v(log) == {"wall_s": 723.5, "peak_rss_bytes": 7340032 * 1024, "log": str(log)}
 
+
+def script_args(**overrides):
+    import argparse
+
+    values = {"reuse": {}, "time_v": {}, "ungated": [], "skip_export": False, "tflite_context": 1280,
+              "export_timeout": 60.0}
+    return argparse.Namespace(**{**values, **overrides})
+
+
+def test_ungated_exports_are_bundles_written_by_the_cli_with_no_gate(monkeypatch, tmp_path):
+    """--ungated: `qwen-mobile export ... --no-gate` in a child process (no code in strings), into
+    NAME-ungated, recorded as ungated; the others are the same command without --no-gate."""
+    script = load_script()
+    commands = []
+
+    def run_child(command, log, timeout=None, heavy=False, cwd=None):
+        commands.append(command)
+        out = Path(command[command.index("--out") + 1])
+        out.mkdir(parents=True)
+        (out / "manifest.json").write_text("{}")
+        return {"command": " ".join(command), "returncode": 0, "wall_s": 1.0, "peak_rss_bytes": 1, "log": str(log),
+                "timed_out": False}
+
+    monkeypatch.setattr(script, "run_child", run_child)
+    exports = {}
+    args = script_args(ungated=["executorch-8da4w-g128", "tflite-8da8w"])
+    checkpoint = tmp_path / "checkpoint"
+    assert script.export_ours("executorch-8da4w-g128", checkpoint, tmp_path, args, exports) == (
+        tmp_path / "executorch-8da4w-g128-ungated")
+    assert script.export_ours("tflite-8da8w", checkpoint, tmp_path, args, exports) == tmp_path / "tflite-8da8w-ungated"
+    assert script.export_ours("executorch-fp32", checkpoint, tmp_path, args, exports) == tmp_path / "executorch-fp32"
+    g128, tflite, fp32 = commands
+    assert "-c" not in g128 and g128[1:4] == ["-m", "qwen_mobile", "export"]
+    assert g128[-3:] == ["--group-size", "128", "--no-gate"] and "--no-gate" not in fp32
+    assert tflite[-3:] == ["--no-gate", "--max-context", "1280"]
+    assert exports["executorch-8da4w-g128"]["status"] == "ungated" and exports["executorch-fp32"]["status"] == "ok"
+    # a finished export is reused, not run again
+    assert script.export_ours("executorch-fp32", checkpoint, tmp_path, args, exports) == tmp_path / "executorch-fp32"
+    assert len(commands) == 3
+
+
+def test_each_artifact_is_measured_by_bench_json_or_measure_pte_in_a_child(monkeypatch, tmp_path):
+    script = load_script()
+    commands = []
+
+    def run_child(command, log, timeout=None, heavy=False, cwd=None):
+        commands.append(command)
+        Path(log).write_text('warning: something\n{\n  "runs": 1\n}\n')
+        return {"returncode": 0}
+
+    monkeypatch.setattr(script, "run_child", run_child)
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "own.pte").write_bytes(b"")
+    assert script.measure(tmp_path / "bundle", tmp_path / "a.log") == {"runs": 1}
+    assert script.measure(tmp_path / "own.pte", tmp_path / "b.log") == {"runs": 1}
+    assert commands[0][1:] == ["-m", "qwen_mobile", "bench", str(tmp_path / "bundle"), "--json", "--runs", "1"]
+    assert commands[1][2:] == ["--measure-pte", str(tmp_path / "own.pte"), "--runs", "1"]
+
+
+def test_a_bare_pte_is_measured_by_the_same_code_as_its_bundle(tiny_bundle):
+    """The script's --measure-pte on the bundle's own model.pte: the runtime's lengths read from the
+    program, thread counts from the backend, the same fields as `bench --json`."""
+    measured = load_script().measure_pte(tiny_bundle / "model.pte", runs=1)
+    benched = bench.bench_bundle(tiny_bundle, runs=1)
+    assert set(measured) == set(benched)
+    assert (measured["max_chunk"], measured["max_context"]) == (benched["max_chunk"], benched["max_context"])
+    assert measured["threads"].keys() == benched["threads"].keys() and measured["threads"]["executorch"] >= 1
+    assert measured["gated"] is False and measured["artifact_bytes"] == benched["artifact_bytes"]
+    for context in ("128", "1024"):
+        assert measured["decode"][context]["positions"] == benched["decode"][context]["positions"]
+        assert measured["decode"][context]["tokens_per_s"] > 0
+
+
+def test_report_keeps_the_notes_and_marks_ungated_and_bare_artifacts(tmp_path):
+    script = load_script()
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text("# old tables\n\n## Notes\n\nwritten by hand\n")
+    one = figures(1000.0, 100.0, rss=2**30)
+    results = {
+        "executorch-8da4w": {**one, "bundle": "/w/b", "artifact": "model.pte", "gated": False, "artifact_bytes": 2**20},
+        "old": {**one, "bundle": "/w/old.pte", "artifact": "old.pte", "gated": False, "artifact_bytes": 2**20},
+    }
+    meta = {"model": "m", "command": "c", "date": "d", "machine": "x", "versions": "v", "threads": "t", "runs": 3,
+            "decode_steps": 8, "artifacts": ["executorch-8da4w", "old"]}
+    bandwidth = {"method": "stub", "readings": [1e9, 2e9, 3e9], "copy_bytes_per_s": 1e9,
+                 "per_artifact": {"executorch-8da4w": 2e9, "old": 3e9}}
+    text = script.write_report(results_md, meta, {}, results, bandwidth, {})
+    assert "| executorch-8da4w (--no-gate) | 1 |" in text and "| old (bare .pte) | 1 |" in text
+    assert "| 2.0 |" in text and "| 3.0 |" in text  # the bandwidth beside each artifact
+    assert "# old tables" not in text and text.endswith("## Notes\n\nwritten by hand\n")
+    assert results_md.read_text() == text
