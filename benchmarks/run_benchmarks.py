@@ -369,8 +369,9 @@ def write_report(path: Path, meta: dict, exports: dict, results: dict, bandwidth
         + f" GB/s (copy {bandwidth['copy_bytes_per_s'] / 1e9:.1f} GB/s at the start); each artifact's bound uses "
         "the higher of the two readings around it (other tenants' traffic can only lower a reading, so the higher "
         "one is nearer what its decode steps could have had)",
-        f"- method: {meta['runs']} rounds, each measuring every artifact once in its own process (`qwen-mobile bench "
-        "--json --runs 1`: one warm-up, one timed run), so that the machine's drift reaches every artifact alike; "
+        f"- method: {meta['runs']} rounds, each measuring every artifact once in its own process (a bundle by "
+        "`qwen-mobile bench --json --runs 1`, a bare .pte by this script's --measure-pte through the same runtime "
+        "and code: one warm-up, one timed run), so that the machine's drift reaches every artifact alike; "
         "every figure is the median over the rounds, all in this one run. Decode at context C: windows of "
         f"{meta['decode_steps']} one-token calls at positions C onward after a prefill to C. Prefill: the prompt "
         "in calls of the artifact's largest chunk, then the first token picked; time to first token is the "
