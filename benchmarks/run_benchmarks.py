@@ -178,12 +178,13 @@ def export_ours(name: str, checkpoint: Path, work: Path, args, exports: dict) ->
         command += ["--max-context", str(args.tflite_context)]
     result = run_child(command, log, args.export_timeout, heavy=True)
     ok = result["returncode"] == 0 and (out / "manifest.json").is_file()
-    status = ("ungated" if ungated else "ok") if ok else ("timed out" if result["timed_out"] else
-                                                          "refused" if result["returncode"] == 2 else "failed")
-    message = "written with --no-gate: the parity gate did not run" if ok and ungated else None
-    exports[name] = {"status": status, **result, **({"message": message} if message else {}),
-                     **({} if ok else {"message": last_error(log)})}
-    return out if ok else None
+    if not ok:
+        status = "timed out" if result["timed_out"] else "refused" if result["returncode"] == 2 else "failed"
+        exports[name] = {"status": status, **result, "message": last_error(log)}
+        return None
+    exports[name] = {"status": "ungated", **result, "message": "written with --no-gate: the parity gate did not run"} \
+        if ungated else {"status": "ok", **result}
+    return out
 
 
 def own_params(checkpoint: Path) -> dict:
