@@ -5,18 +5,23 @@ memory-bandwidth bound, on one machine in one run; writes benchmarks/RESULTS.md.
 
 Steps (each one reuses what an earlier, possibly interrupted, run left in --work):
 1. a Qwen3.5-0.8B-shaped random checkpoint (`qwen-mobile fixture --shape 0.8b`), or --checkpoint;
-2. our bundles: ExecuTorch fp32, 8da4w and int4 (refused by the backend: recorded as such),
-   TFLite int8, int4 and 8da8w (exported with --tflite-context so that decode at 1,024 fits);
-   `--reuse NAME=DIR` takes an existing bundle instead of exporting;
+2. our bundles, each by `qwen-mobile export` in its own process: ExecuTorch fp32, int8, 8da4w
+   (g32 and g128) and int4 (refused by the backend: recorded as such), TFLite int8, int4 and
+   8da8w (exported with --max-context --tflite-context so that decode at 1,024 fits);
+   `--ungated NAME,...` exports those with `--no-gate` (a bundle whose manifest says the gate
+   never ran, for timing a lowering whose gate refuses random weights); `--reuse NAME=DIR`
+   takes an existing bundle instead of exporting;
 3. ExecuTorch's own documented path: `convert_weights` on the same checkpoint, then
    `export_llm` with its `qwen3_5_xnnpack_fp32.yaml` and the qwen3_5_0_8b parameters
    (written from the checkpoint's config.json: the params file is not in the executorch wheel);
-4. each artifact measured by `qwen-mobile bench --json` in its own process (so that peak
-   memory is its own), ExecuTorch's own .pte through the same runtime and the same code,
-   once per round for --runs rounds, with the machine's memory bandwidth
-   (bench.measure_bandwidth) read before the first measurement and after each one;
-5. the decode bound: the bytes a step reads over the bandwidth read next to that artifact,
-   and the artifact's fraction of it.
+4. measurement in rounds (qwen_mobile.bench.measure_interleaved): each round measures every
+   artifact once, in its own process, so that peak memory is its own: a bundle by
+   `qwen-mobile bench BUNDLE --json --runs 1`, a bare .pte (ExecuTorch's own, or one given
+   with `--also NAME=FILE`) by this script's `--measure-pte`, which loads it with the ExecuTorch
+   backend's runtime and measures it with the same code as `bench` (bench.measure_loading);
+   the machine's memory bandwidth is read before the first measurement and after each one;
+5. the decode bound (bench.decode_bounds): the bytes a step reads over the bandwidth read
+   next to that artifact, and the artifact's fraction of it.
 
 Exports run one at a time (each is timed and its peak memory taken from wait4); the
 wall time and peak memory of every export are kept in WORK/exports.json.
@@ -31,7 +36,6 @@ import os
 import platform
 import re
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -148,8 +152,10 @@ def ensure_checkpoint(args, work: Path) -> Path:
 
 
 def export_ours(name: str, checkpoint: Path, work: Path, args, exports: dict) -> Path | None:
+    """Our bundle NAME: reused, already in --work, or exported by `qwen-mobile export` (with
+    --no-gate when NAME is in --ungated: a bundle whose manifest says parity.skipped)."""
     backend, quant, group_size = OURS[name]
-    out = work / name
+    ungated = name in args.ungated
     if name in args.reuse:
         out = Path(args.reuse[name])
         if name in args.time_v:
@@ -158,83 +164,27 @@ def export_ours(name: str, checkpoint: Path, work: Path, args, exports: dict) ->
         else:
             exports.setdefault(name, {"status": "reused", "note": "exported outside this script; time not recorded"})
         return out if (out / "manifest.json").is_file() else None
-    if name in args.ungated:
-        return export_ungated(name, checkpoint, work, args, exports)
-    if (out / "manifest.json").is_file():
+    out = work / (f"{name}-ungated" if ungated else name)
+    if (out / "manifest.json").is_file():  # the manifest is a published bundle's last file
         return out
     if args.skip_export:
         exports.setdefault(name, {"status": "skipped", "message": "--skip-export"})
         return None
-    log = work / "logs" / f"export-{name}.log"
+    log = work / "logs" / f"export-{out.name}.log"
     command = [sys.executable, "-m", "qwen_mobile", "export", str(checkpoint), "--backend", backend,
-               "--quant", quant, "--out", str(out), *(["--group-size", str(group_size)] if group_size else [])]
+               "--quant", quant, "--out", str(out), *(["--group-size", str(group_size)] if group_size else []),
+               *(["--no-gate"] if ungated else [])]
     if backend == "tflite":  # the backend's default context (512) is too short for decode at 1,024
         command += ["--max-context", str(args.tflite_context)]
     result = run_child(command, log, args.export_timeout, heavy=True)
     ok = result["returncode"] == 0 and (out / "manifest.json").is_file()
-    status = "ok" if ok else ("timed out" if result["timed_out"] else
-                              "refused" if result["returncode"] == 2 else "failed")
-    exports[name] = {"status": status, **result, **({} if ok else {"message": last_error(log)})}
-    return out if ok else None
-
-
-UNGATED = """
-import json, sys
-from pathlib import Path
-from qwen_mobile.checkpoint import load, stop_token_ids
-from qwen_mobile.quant.plan import make_plan, resolve_scheme
-from qwen_mobile.backends.executorch import bundle, lower
-checkpoint, quant, out, group_size = sys.argv[1:5]
-loaded = load(checkpoint)
-plan = make_plan(loaded.model, resolve_scheme(quant, int(group_size) if group_size != "default" else None, False))
-model = loaded.model
-max_context, max_seq_len = lower.clamp_lengths(model, lower.DEFAULT_MAX_CONTEXT, lower.DEFAULT_MAX_SEQ_LEN)
-metadata = lower.runner_metadata(model, max_context, max_seq_len, bundle.bos_token_id(loaded.checkpoint.path),
-                                 list(stop_token_ids(loaded.checkpoint)))
-program = lower.lower(model, plan, max_context, max_seq_len, metadata)
-Path(out).mkdir(parents=True, exist_ok=True)
-(Path(out) / "model.pte").write_bytes(program.pte)
-(Path(out) / "quant.json").write_text(json.dumps(plan.to_manifest()))
-"""
-
-
-UNGATED_TFLITE = """
-import sys
-from qwen_mobile.checkpoint import load
-from qwen_mobile.quant.plan import make_plan, resolve_scheme
-from qwen_mobile.backends.tflite import bundle, verify
-checkpoint, quant, out, max_context = sys.argv[1:5]
-# the exporter as it is, with its gate replaced by a record saying that it did not run
-verify.require_parity = lambda *args, **kwargs: {
-    "passed": False, "tolerance": None, "ungated": "written without the parity gate by benchmarks/run_benchmarks.py"}
-loaded = load(checkpoint)
-bundle.export(loaded, make_plan(loaded.model, resolve_scheme(quant)), out, max_context=int(max_context))
-"""
-
-
-def export_ungated(name: str, checkpoint: Path, work: Path, args, exports: dict) -> Path | None:
-    """The exporter's own lowering (same plan, same program) written without the parity gate, for
-    timing an artifact whose gate fails (the record says so). ExecuTorch: the bare .pte, measured
-    like ExecuTorch's own; TFLite: a bundle whose manifest says the gate did not run."""
-    backend, quant, group_size = OURS[name]
-    out = work / f"{name}-ungated"
-    measured = out / "model.pte" if backend == "executorch" else out  # what `measure` takes
-    written = out / "model.pte" if backend == "executorch" else out / "manifest.json"  # the staged bundle's last file
-    if written.is_file():
-        return measured
-    if args.skip_export:
-        exports.setdefault(name, {"status": "skipped", "message": "--skip-export"})
+    if not ok:
+        status = "timed out" if result["timed_out"] else "refused" if result["returncode"] == 2 else "failed"
+        exports[name] = {"status": status, **result, "message": last_error(log)}
         return None
-    log = work / "logs" / f"export-{name}-ungated.log"
-    if backend == "executorch":
-        command = [sys.executable, "-c", UNGATED, str(checkpoint), quant, str(out), str(group_size or "default")]
-    else:
-        command = [sys.executable, "-c", UNGATED_TFLITE, str(checkpoint), quant, str(out), str(args.tflite_context)]
-    result = run_child(command, log, args.export_timeout, heavy=True)
-    ok = result["returncode"] == 0 and written.is_file()
-    exports[name] = {"status": "ungated" if ok else "failed", **result,
-                     "message": "lowered and written without the parity gate" if ok else last_error(log)}
-    return measured if ok else None
+    exports[name] = {"status": "ungated", **result, "message": "written with --no-gate: the parity gate did not run"} \
+        if ungated else {"status": "ok", **result}
+    return out
 
 
 def own_params(checkpoint: Path) -> dict:
@@ -305,43 +255,45 @@ def export_own(checkpoint: Path, work: Path, args, exports: dict) -> Path | None
 # ---------------------------------------------------------------- measuring
 
 def measure_pte(pte: Path, runs: int) -> dict:
-    """ExecuTorch's own .pte through the same runtime and the same measurement code as a bundle."""
+    """A bare .pte (ExecuTorch's own export, or any program without a bundle) loaded through the
+    ExecuTorch backend's runtime and measured by the same code as `qwen-mobile bench`; its lengths
+    and vocabulary from the program's own constant methods, the thread counts from the backend."""
     import torch
 
     from qwen_mobile import bench
-    from qwen_mobile.backends.executorch.runtime import load_forward, register_llama_kernels, step
-    from qwen_mobile.registry import Runner
+    from qwen_mobile.backends.executorch import runtime
+    from qwen_mobile.bundle import tool_versions
+    from qwen_mobile.registry import Runner, get_backend
 
-    register_llama_kernels()  # llama::custom_sdpa, update_cache and the DeltaNet kernels must be registered first
-    rss_before = bench.rss_bytes()
-    start = time.perf_counter()
-    method = load_forward(pte)
-    load_s = time.perf_counter() - start
+    spec, _ = get_backend("executorch", None)
+    backend = spec.load()
 
-    def constant(name: str) -> int:
-        return int(method.program.load_method(name).execute([])[0])
+    def open_pte() -> tuple[Runner, int]:
+        method = runtime.load_forward(pte)
 
-    meta = method.metadata
-    meta = meta() if callable(meta) else meta
-    # the tokens input's largest size: [1, 1] for ExecuTorch's static-shape export, the dynamic bound for ours
-    max_chunk = min(int(meta.input_tensor_meta(0).sizes()[-1]), constant("get_max_seq_len"))
-    runner = Runner(lambda tokens, position: step(method, torch.tensor([tokens]), position)[0],
-                    max_context=constant("get_max_context_len"), max_chunk=max_chunk)
-    vocab = constant("get_vocab_size")
-    figures = bench.measure_runner(runner, vocab, runs)
+        def constant(name: str) -> int:
+            return int(method.program.load_method(name).execute([])[0])
+
+        meta = method.metadata
+        meta = meta() if callable(meta) else meta
+        # the tokens input's largest size: [1, 1] for ExecuTorch's static-shape export, the dynamic bound for ours
+        max_chunk = min(int(meta.input_tensor_meta(0).sizes()[-1]), constant("get_max_seq_len"))
+        runner = Runner(lambda tokens, start: runtime.step(method, torch.tensor([tokens]), start)[0],
+                        max_context=constant("get_max_context_len"), max_chunk=max_chunk)
+        return runner, constant("get_vocab_size")
+
+    figures = bench.measure_loading(open_pte, runs)
     return {
-        "bundle": str(pte), "backend": "executorch",
-        "quant": json.loads((pte.parent / "quant.json").read_text())["scheme"] if (pte.parent / "quant.json").is_file()
-        else "fp32 (executorch example)",
-        "runtime": {"package": "executorch", "version": bench.package_version("executorch")},
-        "threads": bench.thread_counts(), "artifact": pte.name, "artifact_bytes": pte.stat().st_size,
-        "bundle_bytes": pte.stat().st_size, "load_s": load_s, **figures,
-        "rss_before_load_bytes": rss_before, "peak_rss_bytes": bench.rss_bytes("VmHWM"),
+        "bundle": str(pte), "backend": spec.name, "quant": None, "gated": False,
+        "tools": tool_versions(*backend.tools), "threads": bench.runtime_threads(backend),
+        "artifact": pte.name, "artifact_bytes": pte.stat().st_size, "bundle_bytes": pte.stat().st_size, **figures,
     }
 
 
-def measure(path: Path, log: Path, runs: int) -> dict:
-    if Path(path).is_file():  # a bare .pte: ExecuTorch's own, or one of ours written without the gate
+def measure(path: Path, log: Path, runs: int = 1) -> dict:
+    """One artifact measured in a process of its own: a bundle by `qwen-mobile bench --json`, a bare
+    .pte by this script's --measure-pte. The child's JSON, or {"error": its last error line}."""
+    if Path(path).is_file():
         command = [sys.executable, str(Path(__file__).resolve()), "--measure-pte", str(path), "--runs", str(runs)]
     else:
         command = [sys.executable, "-m", "qwen_mobile", "bench", str(path), "--json", "--runs", str(runs)]
@@ -352,145 +304,34 @@ def measure(path: Path, log: Path, runs: int) -> dict:
     return json.loads(text[text.index("{\n"):])
 
 
-# ---------------------------------------------------------------- the bound
+def measure_rounds(artifacts: dict[str, Path], work: Path, rounds: int) -> tuple[dict, dict]:
+    """bench.measure_interleaved over `artifacts`, each measurement a child process (one warm-up, one
+    timed run) logged in WORK/logs."""
+    from qwen_mobile.bench import measure_interleaved
 
-def weight_bytes_estimate(checkpoint: Path, quant: dict | None) -> tuple[int, int]:
-    """(bytes of all weights with the embedding table stored once, bytes of the embedding table),
-    as a bundle's quant plan stores them: `bits` per weight plus one 4-byte scale per group (or per
-    output channel); fp32 wherever the plan names no bits."""
-    import torch
-
-    from qwen_mobile.checkpoint import open_checkpoint
-    from qwen_mobile.models.qwen3_5 import Qwen35
-
-    config = open_checkpoint(str(checkpoint)).config
-    with torch.device("meta"):
-        model = Qwen35(config)
-    layers = (quant or {}).get("layers", {})
-    total, embedding = 0, 0
-    seen = set()
-    for name, parameter in model.named_parameters():
-        if id(parameter) in seen:
-            continue
-        seen.add(id(parameter))
-        plan = layers.get(name)
-        if plan:
-            rows = parameter.shape[0]
-            groups = rows * (parameter.shape[1] // plan["group_size"] if plan["group_size"] else 1)
-            stored = parameter.numel() * plan["bits"] // 8 + groups * 4
-        else:
-            stored = parameter.numel() * 4
-        total += stored
-        if "embed_tokens" in name:
-            plan = layers.get(name) or {"bits": (quant or {}).get("embedding_bits") or 32, "group_size": 0}
-            rows, cols = parameter.shape
-            groups = rows * (cols // plan["group_size"] if plan["group_size"] else 1)
-            embedding = parameter.numel() * plan["bits"] // 8 + (groups * 4 if plan["bits"] < 32 else 0)
-    return total, embedding
+    return measure_interleaved(
+        artifacts, lambda name, path, index: measure(path, work / "logs" / f"bench-{name}-{index + 1}.log"),
+        rounds, report=lambda line: print(line, flush=True))
 
 
-def measure_interleaved(artifacts: dict[str, Path], work: Path, runs: int) -> tuple[dict, dict]:
-    """Every artifact measured `runs` times in rounds (each round measures each artifact once, in its
-    own process: one warm-up, one timed run), with the read bandwidth taken before the first
-    measurement and after each one; every figure is the median over the rounds.
-
-    On this shared machine both the speed and the bandwidth reading drift within minutes (reads
-    of 21.7 to 75 GB/s; a baseline measured 13.5 then 18.4 tok/s in one process, though its
-    second window read more). Measured one after the other, each artifact met another moment's
-    machine and the ratios between them carried the drift; in rounds, each ratio compares
-    measurements taken minutes apart at most. Each round's bound uses the higher of the two
-    readings around that measurement (traffic can only lower a reading), and an artifact's
-    bandwidth is the median of those over its rounds."""
-    from qwen_mobile.bench import measure_bandwidth
-
-    first = measure_bandwidth()
-    readings = [first["read_bytes_per_s"]]
-    print(f"read bandwidth {readings[-1] / 1e9:.1f} GB/s", flush=True)
-    rounds: dict[str, list[dict]] = {name: [] for name in artifacts}
-    beside: dict[str, list[float]] = {name: [] for name in artifacts}
-    for round_index in range(runs):
-        for name, path in artifacts.items():
-            if rounds[name] and "error" in rounds[name][-1]:
-                continue
-            rounds[name].append(measure(path, work / "logs" / f"bench-{name}-{round_index + 1}.log", 1))
-            readings.append(measure_bandwidth()["read_bytes_per_s"])
-            beside[name].append(max(readings[-2:]))
-            print(f"round {round_index + 1}: {name} measured; read bandwidth {readings[-1] / 1e9:.1f} GB/s", flush=True)
-    results = {name: combine_rounds(measured) for name, measured in rounds.items()}
-    bandwidth = {"method": first["method"], "copy_bytes_per_s": first["copy_bytes_per_s"], "readings": readings,
-                 "per_artifact": {name: statistics.median(values) for name, values in beside.items()}}
-    return results, bandwidth
-
-
-def combine_rounds(measured: list[dict]) -> dict:
-    """One result from an artifact's rounds (each a single timed run): each figure's median over
-    the rounds, peak memory the highest, the rest from the first round."""
-    from qwen_mobile.bench import TTFT_PROMPT, summary
-
-    failed = next((result for result in measured if "error" in result), None)
-    if failed:
-        return failed
-    combined = {**measured[0], "runs": len(measured), "rounds": measured}
-    for kind in ("prefill", "decode"):
-        combined[kind] = {}
-        for key, figure in measured[0][kind].items():
-            if "tokens_per_s" not in figure:
-                combined[kind][key] = figure
-                continue
-            tokens = int(key) if kind == "prefill" else measured[0]["decode_steps"]
-            seconds = [result[kind][key]["median_ms"] / 1e3 for result in measured]
-            extra = {k: v for k, v in figure.items() if k not in ("tokens_per_s", "median_ms", "runs_ms", "runs")}
-            if "ms_per_token" in extra:
-                extra["ms_per_token"] = statistics.median(seconds) * 1e3 / tokens
-            combined[kind][key] = summary(seconds, tokens, **extra)
-    combined["ttft_ms"] = combined["prefill"].get(str(TTFT_PROMPT), {}).get("median_ms")
-    for key in ("load_s", "busy_cores"):
-        values = [result[key] for result in measured if result.get(key) is not None]
-        combined[key] = statistics.median(values) if values else None
-    combined["peak_rss_bytes"] = max(result["peak_rss_bytes"] for result in measured)
-    return combined
-
-
-def decode_bounds(results: dict, checkpoint: Path, bandwidths: dict[str, float]) -> dict:
-    """Per artifact: bytes one decode step reads at each context, the bound over the bandwidth
-    read next to it, the measured fraction."""
-    from qwen_mobile.bench import bound_tokens_per_s, decode_bytes
-    from qwen_mobile.checkpoint import open_checkpoint
-    from qwen_mobile.info import describe
-
-    info = describe(open_checkpoint(str(checkpoint)))
-    state = info["recurrent_state_bytes_per_sequence"]
-    kv = info["kv_cache_bytes_per_token"]["fp32"]
-    bounds = {}
+def quant_plans(results: dict) -> dict:
+    """Each measured artifact's quantization, for the decode bound: a bundle's manifest `quant`, None
+    (fp32) for ExecuTorch's own example; a bare .pte of unknown encoding gets no bound."""
+    plans = {}
     for name, result in results.items():
-        if "artifact_bytes" not in result:
-            continue
-        size = result["artifact_bytes"]
-        quant = None
-        where = Path(result["bundle"])
-        if where.is_dir():
-            quant = json.loads((where / "manifest.json").read_text())["quant"]
-        elif (where.parent / "quant.json").is_file():
-            quant = json.loads((where.parent / "quant.json").read_text())
-        shared, table = weight_bytes_estimate(checkpoint, quant)
-        # an artifact nearer to `shared + table` than to `shared` holds the embedding table apart from
-        # the lm_head; a decode step reads one row of it, not the table
-        separate = abs(size - (shared + table)) < abs(size - shared)
-        unread = table if separate else 0
-        bandwidth = bandwidths[name]
-        entry = {"artifact_bytes": size, "estimated_weight_bytes": shared, "embedding_table_bytes": table,
-                 "bandwidth_bytes_per_s": bandwidth,
-                 "embedding_stored_apart": separate, "state_bytes": state, "kv_bytes_per_token": kv, "contexts": {}}
-        for context, figure in result.get("decode", {}).items():
-            if "tokens_per_s" not in figure:
-                continue
-            position = (figure["positions"][0] + figure["positions"][1]) // 2
-            nbytes = decode_bytes(size, unread, state, kv, position)
-            bound = bound_tokens_per_s(nbytes, bandwidth)
-            entry["contexts"][context] = {"bytes_per_step": nbytes, "bound_tokens_per_s": bound,
-                                          "fraction": figure["tokens_per_s"] / bound}
-        bounds[name] = entry
-    return bounds
+        where = Path(result.get("bundle", ""))
+        if (where / "manifest.json").is_file():
+            plans[name] = json.loads((where / "manifest.json").read_text())["quant"]
+        elif name == OWN:
+            plans[name] = None
+    return plans
+
+
+def bounds_for(results: dict, checkpoint: Path, bandwidths: dict) -> dict:
+    from qwen_mobile.bench import decode_bounds
+    from qwen_mobile.checkpoint import open_checkpoint
+
+    return decode_bounds(results, open_checkpoint(str(checkpoint)), bandwidths, quant_plans(results))
 
 
 # ---------------------------------------------------------------- the report
@@ -503,6 +344,16 @@ def fmt_rate(figure: dict | None) -> str:
 
 def mib(value) -> str:
     return "-" if value is None else f"{value / 2**20:,.0f}"
+
+
+def label(name: str, result: dict) -> str:
+    """The table's name for an artifact: marked when it is a bundle written with --no-gate, or a
+    bare .pte of ours (ExecuTorch's own example is bare by nature)."""
+    if name != OWN and result.get("artifact") == Path(result.get("bundle", "")).name:
+        return f"{name} (bare .pte)"
+    if name != OWN and result.get("gated") is False:
+        return f"{name} (--no-gate)"
+    return name
 
 
 def write_report(path: Path, meta: dict, exports: dict, results: dict, bandwidth: dict, bounds: dict) -> str:
@@ -519,8 +370,9 @@ def write_report(path: Path, meta: dict, exports: dict, results: dict, bandwidth
         + f" GB/s (copy {bandwidth['copy_bytes_per_s'] / 1e9:.1f} GB/s at the start); each artifact's bound uses "
         "the higher of the two readings around it (other tenants' traffic can only lower a reading, so the higher "
         "one is nearer what its decode steps could have had)",
-        f"- method: {meta['runs']} rounds, each measuring every artifact once in its own process (`qwen-mobile bench "
-        "--json --runs 1`: one warm-up, one timed run), so that the machine's drift reaches every artifact alike; "
+        f"- method: {meta['runs']} rounds, each measuring every artifact once in its own process (a bundle by "
+        "`qwen-mobile bench --json --runs 1`, a bare .pte by this script's --measure-pte through the same runtime "
+        "and code: one warm-up, one timed run), so that the machine's drift reaches every artifact alike; "
         "every figure is the median over the rounds, all in this one run. Decode at context C: windows of "
         f"{meta['decode_steps']} one-token calls at positions C onward after a prefill to C. Prefill: the prompt "
         "in calls of the artifact's largest chunk, then the first token picked; time to first token is the "
@@ -532,7 +384,7 @@ def write_report(path: Path, meta: dict, exports: dict, results: dict, bandwidth
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     missing = []
-    for name in ALL:
+    for name in meta.get("artifacts") or [*ALL, *(name for name in results if name not in ALL)]:
         result = results.get(name)
         if result is None or "error" in result:
             record = exports.get(name, {})
@@ -541,9 +393,9 @@ def write_report(path: Path, meta: dict, exports: dict, results: dict, bandwidth
             lines.append(f"| {name} | " + " | ".join(["-"] * 12) + " |")
             continue
         bound = bounds.get(name, {}).get("contexts", {}).get("128")
-        read = bounds.get(name, {}).get("bandwidth_bytes_per_s")
+        read = bandwidth.get("per_artifact", {}).get(name)
         lines.append(
-            f"| {name} | {mib(result['artifact_bytes'])} | {fmt_rate(result['prefill'].get('128'))} | "
+            f"| {label(name, result)} | {mib(result['artifact_bytes'])} | {fmt_rate(result['prefill'].get('128'))} | "
             f"{fmt_rate(result['prefill'].get('512'))} | {fmt_rate(result['decode'].get('128'))} | "
             f"{fmt_rate(result['decode'].get('1024'))} | "
             f"{'-' if result['ttft_ms'] is None else format(result['ttft_ms'], ',.0f')} | "
@@ -609,7 +461,7 @@ def targets(results: dict, exports: dict, bounds: dict) -> list[str]:
             out.append(f"- {name}: prefill 512 / decode = {prefill / decode:.1f}x ({verdict(prefill / decode, 5)} at >= 5x)")
     mine, theirs = exports.get("executorch-8da4w", {}), exports.get(OWN, {})
     if mine.get("wall_s") and theirs.get("wall_s"):
-        what = "lower + write only, the gate did not run" if mine.get("status") == "ungated" else mine.get("status")
+        what = "written with --no-gate: the gate did not run" if mine.get("status") == "ungated" else mine.get("status")
         out.append(f"- 0.8B 8da4w export ({what}) vs ExecuTorch's fp32 example export: {mine['wall_s'] / 60:.1f} vs "
                    f"{theirs['wall_s'] / 60:.1f} min, {mine['peak_rss_bytes'] / 2**30:.1f} vs "
                    f"{theirs['peak_rss_bytes'] / 2**30:.1f} GiB "
@@ -653,11 +505,14 @@ def main() -> None:
     parser.add_argument("--shape", default="0.8b")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", help="Comma-separated artifact names to measure: " + ", ".join(ALL))
-    parser.add_argument("--reuse", action="append", default=[], metavar="NAME=DIR", help="An existing bundle (or .pte)")
+    parser.add_argument("--reuse", action="append", default=[], metavar="NAME=DIR",
+                        help=f"An existing bundle for NAME (for {OWN}: its .pte)")
+    parser.add_argument("--also", action="append", default=[], metavar="NAME=PATH",
+                        help="Measure this bundle or bare .pte too, in the same rounds, as NAME (an A/B's other side)")
     parser.add_argument("--time-v", action="append", default=[], metavar="NAME=FILE",
                         help="`time -v` output of a reused export: its wall time and peak memory")
-    parser.add_argument("--ungated", default="", help="Comma-separated artifact names to lower and write without "
-                        "the parity gate (for timing artifacts whose gate fails at this shape; reported as such)")
+    parser.add_argument("--ungated", default="", help="Comma-separated artifact names to export with --no-gate "
+                        "(for timing artifacts whose gate fails at this shape; reported as such)")
     parser.add_argument("--skip-export", action="store_true", help="Measure only what already exists")
     parser.add_argument("--skip-own", action="store_true", help="Do not run ExecuTorch's own export")
     parser.add_argument("--tflite-context", type=int, default=1280)
@@ -677,12 +532,12 @@ def main() -> None:
     if args.report_only:  # the tables again from WORK/results.json (after editing the notes, say)
         saved = json.loads((args.work / "results.json").read_text())
         if args.checkpoint:  # the bounds again too (after changing how they are computed)
-            saved["bounds"] = decode_bounds(saved["results"], Path(args.checkpoint), saved["bandwidth"]["per_artifact"])
+            saved["bounds"] = bounds_for(saved["results"], Path(args.checkpoint), saved["bandwidth"]["per_artifact"])
             (args.work / "results.json").write_text(json.dumps(saved, indent=2))
         print(write_report(args.results, saved["meta"], saved["exports"], saved["results"], saved["bandwidth"],
                            saved["bounds"]))
         return
-    args.reuse, args.time_v = pairs(args.reuse), pairs(args.time_v)
+    args.reuse, args.time_v, also = pairs(args.reuse), pairs(args.time_v), pairs(args.also)
     args.ungated = [name for name in args.ungated.split(",") if name]
     global WAIT_FOR_QUIET
     WAIT_FOR_QUIET = args.wait_for_quiet
@@ -708,24 +563,29 @@ def main() -> None:
     if args.export_only:
         print(json.dumps(exports, indent=2))
         return
-    results, bandwidth = measure_interleaved(artifacts, work, args.runs)
-    bounds = decode_bounds(results, checkpoint, bandwidth["per_artifact"])
-    import torch
+    for name, path in also.items():
+        if not Path(path).exists():
+            sys.exit(f"--also {name}={path}: not found")
+        artifacts[name] = Path(path)
+    results, bandwidth = measure_rounds(artifacts, work, args.runs)
+    bounds = bounds_for(results, checkpoint, bandwidth["per_artifact"])
+    from qwen_mobile.bundle import tool_versions
 
-    versions = {p: __import__("qwen_mobile.bench", fromlist=["x"]).package_version(p)
-                for p in ("torch", "executorch", "ai-edge-litert", "litert-torch", "qwen-mobile")}
-    first = next((r for r in results.values() if "threads" in r), {})
+    threads = {}  # every runtime's thread settings as the measured processes reported them
+    for result in results.values():
+        threads.update({key: value for key, value in result.get("threads", {}).items() if value is not None})
     meta = {
         "command": "python benchmarks/run_benchmarks.py " + shlex.join(sys.argv[1:]),
         "model": describe_checkpoint(checkpoint),
         "date": datetime.datetime.now().isoformat(timespec="minutes"),
         "machine": machine(),
-        "versions": ", ".join(f"{k} {v}" for k, v in versions.items()) + f", Python {platform.python_version()}",
-        "threads": f"torch {torch.get_num_threads()}, ExecuTorch threadpool "
-                   f"{first.get('threads', {}).get('executorch')}, LiteRT interpreter as many as torch (num_threads); "
-                   "'cores busy' is CPU time / wall time over the timed runs",
+        "versions": ", ".join(f"{k} {v}" for k, v in tool_versions("executorch", "ai-edge-litert", "litert-torch").items())
+        + f", Python {platform.python_version()}",
+        "threads": ", ".join(f"{key} {value}" for key, value in threads.items())
+        + "; 'cores busy' is CPU time / wall time over the timed runs",
         "runs": args.runs,
         "decode_steps": next((r["decode_steps"] for r in results.values() if "decode_steps" in r), None),
+        "artifacts": [*selected, *also],
         "busy_at_start": busy,
     }
     (work / "results.json").write_text(json.dumps(
