@@ -234,7 +234,7 @@ def load_source(bundle: Path, manifest: dict, source: str | None = None):
     the one the user passes (`--source`), checked against the manifest's config_hash; only the
     embedded model, which ships with qwen-mobile, is found without it."""
     from qwen_mobile.checkpoint import EMBEDDED_NAME, load
-    from qwen_mobile.quant.plan import make_plan, scheme_from_manifest
+    from qwen_mobile.quant.plan import PLAN_FILE, load_plan, make_plan, scheme_from_manifest
 
     path = Path(bundle) / MANIFEST
     recorded = manifest["source"]
@@ -251,6 +251,11 @@ def load_source(bundle: Path, manifest: dict, source: str | None = None):
             f"{path}: field source/config_hash: {recorded['config_hash']}, but {loaded.checkpoint.source} has "
             f"{loaded.checkpoint.config_hash} (not the checkpoint this bundle was exported from)"
         )
+    if PLAN_FILE in manifest["files"]:  # a calibrated plan travels with its bundle: read, never refitted
+        plan = load_plan(Path(bundle) / PLAN_FILE)
+        if plan.to_manifest() != manifest["quant"]:
+            raise QwenMobileError(f"{Path(bundle) / PLAN_FILE}: is not the plan the manifest's field quant describes")
+        return loaded, plan
     with progress.step("rebuilding the quantization plan"):
         return loaded, make_plan(loaded.model, scheme)
 
@@ -269,7 +274,7 @@ def gate_bundle(bundle: Path, manifest: dict, spec: BackendSpec, source: str | N
 
     loaded, plan = load_source(bundle, manifest, source)
     refs = references(loaded.model, lengths_of(manifest), plan, tokenizer_dir=bundle)
-    return gate_artifact(spec.load(), bundle, manifest, refs)
+    return gate_artifact(spec.load(), bundle, manifest, refs, plan)
 
 
 def open_runner(bundle: Path) -> tuple[Runner, dict]:

@@ -200,6 +200,25 @@ def export(
         False, "--no-gate", help="Write the bundle without running the parity gate; its manifest says it was never "
         "checked (parity.skipped), and `qwen-mobile verify` runs the gate on it later",
     ),
+    method: str = typer.Option(
+        "rtn", "--method", help="How a quantized scheme's integers are chosen: rtn (round to nearest) or gptq "
+        "(fitted on --calibration text; minutes at 0.8B)",
+    ),
+    calibration: Optional[str] = typer.Option(
+        None, "--calibration", show_default=False,
+        help="Text for gptq and --keep-8bit auto: a shipped set (default, general, chat, code, multilingual) or a "
+        "JSONL file of {\"text\": ...} or {\"messages\": [...]} lines \\[default: default]",
+    ),
+    keep_8bit: Optional[str] = typer.Option(
+        None, "--keep-8bit", show_default=False,
+        help="Weights kept at 8 bits (per channel) under a 4-bit scheme: comma-separated names "
+        "(layers.0.linear_attn.out_proj.weight, ...), or auto: the most sensitive on the calibration text within "
+        "--size-budget",
+    ),
+    size_budget: Optional[float] = typer.Option(
+        None, "--size-budget", show_default=False,
+        help="With --keep-8bit auto: the extra bytes allowed over plain 4-bit, as a fraction \\[default: 0.1]",
+    ),
 ):
     """Write a bundle (artifact, tokenizer, manifest) that the demo apps run unchanged.
 
@@ -212,7 +231,8 @@ def export(
     from qwen_mobile.export import export_bundle
 
     with showing_steps(f"exporting to {backend}"):
-        bundle = export_bundle(model, backend, quant, out_dir, group_size, embeddings_8bit, max_context, not no_gate)
+        bundle = export_bundle(model, backend, quant, out_dir, group_size, embeddings_8bit, max_context, not no_gate,
+                               method=method, calibration=calibration, keep_8bit=keep_8bit, size_budget=size_budget)
     out.print(str(bundle), highlight=False, soft_wrap=True)
 
 
@@ -239,12 +259,37 @@ def verify(
     if as_json:
         print(json.dumps(result, indent=2))
     else:
-        table = Table(title=f"{bundle}: {'PASS' if result['passed'] else 'FAIL'}", show_header=False)
-        for name, value in result.items():
-            table.add_row(name, f"{value:.4g}" if isinstance(value, float) else str(value))
-        out.print(table)
+        out.print(_gate_table(bundle, result))
     if not result["passed"]:
         raise typer.Exit(1)
+
+
+def _gate_table(bundle: Path, result: dict) -> Table:
+    """The gate's verdict per runtime and for the weights, with each figure beside its bar."""
+    def bar(value, allowed, above: bool = False):
+        if allowed is None:
+            return f"{value:.4g}"
+        return f"{value:.4g} ({'needs' if above else 'allowed'} {allowed:.4g})"
+
+    table = Table(title=f"{bundle}: {'PASS' if result['passed'] else 'FAIL'} (vs the {result['reference']})")
+    for column in ("runtime", "gate", "max|diff| / std", "relative diff", "top-1", "after reset"):
+        table.add_column(column)
+    for runtime, parity in result["runtimes"].items():
+        table.add_row(runtime, "pass" if parity["passed"] else "FAIL", bar(parity["ratio_to_std"], parity["tolerance"]),
+                      bar(parity["relative_diff"], parity["max_relative_diff"]),
+                      bar(parity["top1_agreement"], parity["min_top1"], above=True),
+                      bar(parity["reset_max_abs_diff"], parity["reset_allowed"]))
+    weights = result["weights"]
+    table.caption = (f"{result['positions_checked']} positions, {result['tokens_fed']} tokens fed; weights: "
+                     + (f"{weights['checked']} looked up, {len(weights['differ'])} differ"
+                        + (f" ({', '.join(weights['differ'][:3])})" if weights["differ"] else "")
+                        if weights["checked"] else weights.get("note", "not checked"))
+                     + ("" if not result.get("noise_floor") else
+                        f"; noise floor {max(result['noise_floor']['relative_diffs']):.3g}")
+                     + ("" if not result.get("versus_float") else
+                        f"; vs float: mean KL {result['versus_float']['mean_kl']:.3g}, "
+                        f"top-1 {result['versus_float']['top1_agreement']:.3f}"))
+    return table
 
 
 @app.command()

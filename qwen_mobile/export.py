@@ -9,6 +9,7 @@ backend's runtimes -> publish atomically. A backend only lowers and runs
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from qwen_mobile import progress
@@ -16,7 +17,7 @@ from qwen_mobile.bundle import build_manifest, copy_tokenizer, read_tokenizer_co
 from qwen_mobile.checkpoint import Checkpoint, load_checkpoint, open_checkpoint, stop_token_ids
 from qwen_mobile.config import Qwen35Config
 from qwen_mobile.errors import QwenMobileError
-from qwen_mobile.quant.plan import make_plan, resolve_scheme
+from qwen_mobile.quant.plan import PLAN_FILE, resolve_scheme, save_plan
 from qwen_mobile.registry import ExportTarget, Lengths, get_backend
 from qwen_mobile.staging import check_target, staged_directory
 
@@ -100,9 +101,16 @@ def export_bundle(
     embeddings_8bit: bool = False,
     max_context: int | None = None,
     gate: bool = True,
+    *,
+    method: str = "rtn",
+    calibration: str | None = None,
+    keep_8bit: str | None = None,
+    size_budget: float | None = None,
 ) -> Path:
     """Write a bundle for MODEL to `out` (default MODEL-BACKEND-QUANT) and return its path.
-    With gate=False the bundle is written without its parity gate and its manifest says so."""
+    With gate=False the bundle is written without its parity gate and its manifest says so.
+    method, calibration, keep_8bit ("auto" or comma-separated weight names) and size_budget make a
+    calibrated plan (quant.calibrate.calibrated_plan), which the bundle then carries as PLAN_FILE."""
     spec, quant = get_backend(backend, quant)
     scheme = resolve_scheme(quant, group_size, embeddings_8bit)
     implementation = spec.load()
@@ -111,25 +119,77 @@ def export_bundle(
     conversation = conversation_fields(checkpoint, tokenizer_config)
     tokens = special_tokens(checkpoint, implementation.bos_token)
     lengths = resolve_lengths(implementation.default_lengths, checkpoint.config, max_context)
+    calibration_request = CalibrationRequest.checked(scheme, method, calibration, keep_8bit, size_budget)
     out = check_target(out or default_out(checkpoint, spec.name, quant))
 
     with progress.step("loading the checkpoint"):
         loaded = load_checkpoint(checkpoint)
-    with progress.step(f"planning {quant} quantization"):
-        plan = make_plan(loaded.model, scheme)
+    with progress.step(f"planning {quant} quantization" + calibration_request.describe()):
+        plan = calibration_request.plan(loaded.model, scheme, checkpoint.path)
     implementation.check(plan, lengths)
 
     with staged_directory(out) as staging:
         with progress.step(f"lowering for {spec.name}"):
             fields = implementation.lower(ExportTarget(loaded.model, plan, lengths, tokens), staging)
         copy_tokenizer(checkpoint.path, staging)
+        if calibration_request.calibrated:
+            save_plan(plan, staging / PLAN_FILE).chmod(0o644)  # verify checks the artifact against it, never refits it
         manifest = build_manifest(spec, implementation, checkpoint, plan, lengths, tokens, conversation, fields)
         if gate:
             from qwen_mobile.parity import references, require_parity
 
             refs = references(loaded.model, lengths, plan, tokenizer_dir=checkpoint.path)
-            manifest["parity"] = require_parity(implementation, staging, manifest, refs)
+            manifest["parity"] = require_parity(implementation, staging, manifest, refs, plan)
         else:
             manifest["parity"] = dict(UNGATED)
         write_manifest(manifest, staging, out)
     return out
+
+
+@dataclass(frozen=True)
+class CalibrationRequest:
+    """--method, --calibration, --keep-8bit and --size-budget, checked before any slow work."""
+
+    method: str
+    calibration: str | None
+    keep_8bit: str | list[str] | None
+    size_budget: float | None
+
+    @classmethod
+    def checked(cls, scheme, method: str, calibration: str | None, keep_8bit: str | None,
+                size_budget: float | None) -> "CalibrationRequest":
+        from qwen_mobile.quant.calibrate import DEFAULT_SET, METHODS, read_samples, resolve_set
+
+        if method not in METHODS:
+            raise QwenMobileError(f"--method {method!r} is unknown; methods: {', '.join(METHODS)}")
+        kept = None if keep_8bit is None else "auto" if keep_8bit == "auto" else [
+            name.strip() for name in keep_8bit.split(",") if name.strip()]
+        if (method != "rtn" or kept) and scheme.is_float:
+            raise QwenMobileError(f"--method and --keep-8bit apply to quantized schemes, not to {scheme.name}")
+        needs_text = method == "gptq" or kept == "auto"
+        if calibration is not None and not needs_text:
+            raise QwenMobileError("--calibration feeds --method gptq and --keep-8bit auto; neither is asked for")
+        if needs_text:
+            calibration = calibration or DEFAULT_SET
+            read_samples(resolve_set(calibration))  # a malformed file fails here, naming file and line
+        return cls(method, calibration, kept, size_budget)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method != "rtn" or bool(self.keep_8bit)
+
+    def describe(self) -> str:
+        if not self.calibrated:
+            return ""
+        kept = "" if not self.keep_8bit else f", 8-bit: {self.keep_8bit if self.keep_8bit == 'auto' else len(self.keep_8bit)}"
+        return f" ({self.method}{kept}" + (f", calibration {self.calibration})" if self.calibration else ")")
+
+    def plan(self, model, scheme, checkpoint_dir: Path):
+        from qwen_mobile.generate import load_tokenizer
+        from qwen_mobile.quant.calibrate import DEFAULT_MAX_SAMPLES, calibrated_plan, load_calibration
+
+        samples = None
+        if self.calibration is not None:
+            samples = load_calibration(self.calibration, load_tokenizer(checkpoint_dir), DEFAULT_MAX_SAMPLES)
+        return calibrated_plan(model, scheme, self.method, samples, self.keep_8bit or (), self.size_budget,
+                               self.calibration)

@@ -14,7 +14,15 @@ fed identically, by the gate the plan calls for (`gate_for`):
   float model (mean KL, top-1) is measured and reported. Not max |diff| / std here: with
   dynamic activation quantization, a 1e-7 difference upstream (any two fp32 kernels) can
   flip one activation to the next int8 level, so single logits move by a quantization
-  step even when the lowering is right; the norm measures the whole distribution;
+  step even when the lowering is right; the norm measures the whole distribution.
+  Those flips compound through the layers and the recurrent state, more so the larger and
+  flatter the model, so a plan with dynamic activations also has its noise floor measured
+  on the checkpoint being exported (noise_floor: the plan in eager again with every
+  quantized activation moved by a few ulps, FLOOR_SAMPLES times), and the bars widen to
+  FLOOR_FACTOR times the worst it saw, never narrower than the fixed bars. What the floor
+  hides (a scale off by a few percent, two int4 values swapped) the weight check sees: a
+  backend that can read its artifact's weights back (Backend.stored_weights) has every
+  planned integer and scale compared with the plan, exactly;
 - reduced-precision compute (fp16) against the float model: top-1 agreement >= 99%.
 """
 
@@ -42,12 +50,42 @@ SEED = 0
 Spans = list[tuple[int, int]]
 
 
+# the quantized gate's noise floor (see the module doc)
+FLOOR_SAMPLES = 4
+FLOOR_ULPS = 2.0
+FLOOR_FACTOR = 2.0  # the relative-difference bar: this times the worst floor sample
+FLOOR_TOP1_SLACK = 0.02  # the top-1 bar: the worst floor sample's agreement, less two positions in a hundred
+
+
 @dataclass(frozen=True)
 class Gate:
     reference: str  # what the artifact is compared against
     tolerance: float | None  # max |diff| as a fraction of the reference logits' std
     max_relative_diff: float | None  # max over positions of ||diff|| / ||reference||
     min_top1: float | None  # least top-1 agreement with the reference
+
+
+@dataclass(frozen=True)
+class NoiseFloor:
+    """How far the plan in eager moves from itself when its dynamically quantized activations
+    are rounded as another correct kernel might round them (FLOOR_SAMPLES seeds)."""
+
+    relative_diffs: list[float]
+    top1_agreements: list[float]
+    mean_kls: list[float]
+
+    def widened(self, gate: Gate) -> Gate:
+        return Gate(
+            gate.reference,
+            gate.tolerance,
+            max(gate.max_relative_diff, FLOOR_FACTOR * max(self.relative_diffs)),
+            min(gate.min_top1, min(self.top1_agreements) - FLOOR_TOP1_SLACK),
+        )
+
+    def to_manifest(self) -> dict:
+        return {"samples": len(self.relative_diffs), "ulps": FLOOR_ULPS, "factor": FLOOR_FACTOR,
+                "relative_diffs": self.relative_diffs, "top1_agreements": self.top1_agreements,
+                "mean_kls": self.mean_kls}
 
 
 FLOAT_GATE = Gate("float eager model", tolerance=1e-3, max_relative_diff=None, min_top1=None)
@@ -85,6 +123,8 @@ class Parity:
     reset_max_abs_diff: float  # second pass from input_pos 0 vs the first
     reset_allowed: float
     versus_float: dict | None  # quantized artifacts: mean KL and top-1 against the float model
+    mean_kl: float  # of the next-token distributions, against the reference
+    noise_floor: dict | None  # plans with dynamic activations: what the bars were widened from
 
     @property
     def passed(self) -> bool:
@@ -183,8 +223,9 @@ class References:
     decode: Spans
     float_logits: torch.Tensor  # the float model's
     logits: torch.Tensor  # what the gate compares against: float_logits, or the plan's in eager
-    gate: Gate
+    gate: Gate  # widened by the noise floor where there is one
     quantized: bool
+    noise_floor: NoiseFloor | None = None
 
     @property
     def spans(self) -> Spans:
@@ -210,7 +251,24 @@ def references(model: Qwen35, lengths: Lengths, plan: QuantPlan, tokenizer_dir: 
     if quantized:
         with progress.step(f"eager reference: {plan.scheme.name} plan, {len(spans)} calls"), dequantized(model, plan):
             logits = reference_logits(model, tokens, spans, max_context)
-    return References(tokens, prefill, decode, float_logits, logits, gate_for(plan), quantized)
+    gate, floor = gate_for(plan), None
+    if any(weight.activations for weight in plan.weights.values()):
+        floor = noise_floor(model, plan, tokens, spans, max_context, logits)
+        gate = floor.widened(gate)
+    return References(tokens, prefill, decode, float_logits, logits, gate, quantized, floor)
+
+
+def noise_floor(model: Qwen35, plan: QuantPlan, tokens: torch.Tensor, spans: Spans, max_context: int,
+                logits: torch.Tensor) -> NoiseFloor:
+    """The plan in eager against itself, its dynamic activations jittered (quant.eager.dequantized)."""
+    samples = []
+    with progress.step(f"noise floor: {FLOOR_SAMPLES} jittered passes of the {plan.scheme.name} plan"):
+        for seed in range(FLOOR_SAMPLES):
+            with dequantized(model, plan, jitter=(seed, FLOOR_ULPS)):
+                jittered = reference_logits(model, tokens, spans, max_context)
+            samples.append((relative_diff(logits, jittered), top1_agreement(logits, jittered), mean_kl(logits, jittered)))
+    relative, top1, kl = (list(values) for values in zip(*samples))
+    return NoiseFloor(relative, top1, kl)
 
 
 def run_pass(runner: Runner, tokens: torch.Tensor, spans: Spans) -> torch.Tensor:
@@ -250,17 +308,21 @@ def compare(runner: Runner, refs: References) -> Parity:
             {"mean_kl": mean_kl(refs.float_logits, first), "top1_agreement": top1_agreement(refs.float_logits, first)}
             if refs.quantized or gate is REDUCED_PRECISION_GATE else None
         ),
+        mean_kl=mean_kl(reference, first),
+        noise_floor=None if refs.noise_floor is None else refs.noise_floor.to_manifest(),
     )
 
 
-def gate_artifact(backend: Backend, directory: Path, manifest: dict, refs: References) -> dict:
-    """The gate through every runtime the backend declares, in order, stopping at the first
+def gate_artifact(backend: Backend, directory: Path, manifest: dict, refs: References, plan: QuantPlan) -> dict:
+    """The gate: the plan's weights looked up in the artifact (where the backend can), then the
+    artifact run through every runtime the backend declares, in order, stopping at the first
     that fails (the artifact is refused either way). Each runtime's loaded artifact is
     released before the next loads: at the 0.8B shape one LiteRT interpreter holds GiBs.
 
     Returns the manifest's `parity`: the first runtime's figures at the top level (what
-    `verify` prints), every runtime's under `runtimes`, and `passed` only when every
-    runtime was measured and passed."""
+    `verify` prints), every runtime's under `runtimes`, the weight check under `weights`, and
+    `passed` only when the weights are as planned and every runtime was measured and passed."""
+    weights = check_weights(backend, directory, manifest, plan)
     results: dict[str, Parity] = {}
     for runtime in backend.runtimes:
         with progress.step(f"loading the artifact ({runtime})"):
@@ -272,14 +334,34 @@ def gate_artifact(backend: Backend, directory: Path, manifest: dict, refs: Refer
     first = next(iter(results.values())).to_manifest()
     return {
         **first,
-        "passed": list(results) == list(backend.runtimes) and all(p.passed for p in results.values()),
+        "passed": not weights.get("differ") and list(results) == list(backend.runtimes)
+        and all(p.passed for p in results.values()),
         "runtimes": {name: parity.to_manifest() for name, parity in results.items()},
+        "weights": weights,
     }
 
 
-def require_parity(backend: Backend, directory: Path, manifest: dict, refs: References) -> dict:
+def check_weights(backend: Backend, directory: Path, manifest: dict, plan: QuantPlan) -> dict:
+    """{"checked": how many planned weights, "differ": those the artifact does not hold as planned},
+    or {"checked": 0, ...} with the reason when there is nothing to check or the backend cannot look."""
+    if not plan.weights:
+        return {"checked": 0, "note": "float weights: nothing planned to look up"}
+    with progress.step(f"weights: {len(plan.weights)} planned weights looked up in the artifact"):
+        missing = backend.missing_weights(directory, manifest, plan)
+    if missing is None:
+        return {"checked": 0, "note": f"the {backend.spec.name} backend cannot read its artifact's weights back"}
+    return {"checked": len(plan.weights), "differ": missing}
+
+
+def require_parity(backend: Backend, directory: Path, manifest: dict, refs: References, plan: QuantPlan) -> dict:
     """gate_artifact, refusing the artifact with a one-line error naming the runtime that disagrees."""
-    parity = gate_artifact(backend, directory, manifest, refs)
+    parity = gate_artifact(backend, directory, manifest, refs, plan)
+    if parity["weights"].get("differ"):
+        names = parity["weights"]["differ"]
+        raise QwenMobileError(
+            f"{manifest['artifact']}: does not hold the plan's integers and scales for {names[0]}"
+            + (f" and {len(names) - 1} more weights" if len(names) > 1 else "")
+        )
     for runtime, result in parity["runtimes"].items():
         if not result["passed"]:
             summary = Parity(**{k: v for k, v in result.items() if k != "passed"}).summary()

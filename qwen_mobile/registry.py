@@ -115,6 +115,12 @@ class Backend:
         ready to step from position 0. Raise QwenMobileError if it cannot load."""
         raise NotImplementedError
 
+    def missing_weights(self, bundle: Path, manifest: dict, plan) -> list[str] | None:
+        """The planned weights whose integers or scales the artifact in `bundle` does not hold
+        exactly as the plan has them (read back or found in its files), or None when this backend
+        cannot look. The gate refuses an artifact with any."""
+        return None
+
     def bench_refusal(self) -> str | None:
         """Why `bench` cannot time this backend's bundles on this machine, or None."""
         return None

@@ -55,7 +55,12 @@ def test_the_manifest_records_the_plan(manifest, plan):
 def test_the_program_matches_the_plan_in_eager_and_reports_against_float(exported, manifest):
     gate = gate_bundle(exported, manifest, BACKEND)  # measured again, on the file as written
     assert gate["passed"] and gate["reference"] == "eager model with the same quantization plan"
-    assert gate["relative_diff"] <= gate["max_relative_diff"] == 2e-2 and gate["top1_agreement"] >= 0.99
+    # dynamic activations: the bar is the fixed 2e-2 or twice the noise floor measured on this checkpoint
+    floor = gate["noise_floor"]
+    assert gate["max_relative_diff"] == max(2e-2, 2 * max(floor["relative_diffs"])) and floor["samples"] == 4
+    assert gate["relative_diff"] <= gate["max_relative_diff"] and gate["top1_agreement"] >= 0.99
+    assert gate["weights"] == {"checked": len(json.loads((exported / "manifest.json").read_text())["quant"]["layers"]),
+                               "differ": []}
     assert gate["positions_checked"] >= 100 and gate["tokens_fed"] >= 64
     # reported, not gated: how far the quantized model is from the float one
     assert 0 < gate["versus_float"]["mean_kl"] < 0.5 and 0.5 < gate["versus_float"]["top1_agreement"] <= 1

@@ -9,7 +9,7 @@ import torch
 from qwen_mobile.models.qwen3_5 import StateTensor
 from qwen_mobile.registry import Backend, ExportTarget, Lengths, Runner
 
-from . import lower, quantize, runtime
+from . import lower, quantize, runtime, weights
 
 
 class ExecuTorchBackend(Backend):
@@ -50,6 +50,9 @@ class ExecuTorchBackend(Backend):
             return runtime.step(method, torch.tensor([tokens], dtype=torch.long), start)[0]
 
         return Runner(step, max_context=manifest["max_context"], max_chunk=manifest["max_seq_len"])
+
+    def missing_weights(self, bundle: Path, manifest: dict, plan) -> list[str]:
+        return weights.missing_weights(Path(bundle) / manifest["artifact"], plan)
 
     def thread_counts(self) -> dict:
         return {"executorch": runtime.thread_count()}

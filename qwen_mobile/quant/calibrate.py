@@ -36,11 +36,7 @@ SET_NAMES = ("default", "general", "chat", "code", "multilingual")
 
 
 def calibration_dir() -> Path:
-    """The folder holding the shipped sets: calibration/ beside qwen_mobile/ in a source tree,
-    else the installed package qwen_mobile.calibration."""
-    beside = Path(__file__).resolve().parents[2] / "calibration"
-    if (beside / f"{DEFAULT_SET}.jsonl").is_file():
-        return beside
+    """The folder holding the shipped sets: the package qwen_mobile.calibration (calibration/)."""
     return Path(str(files("qwen_mobile.calibration")))
 
 

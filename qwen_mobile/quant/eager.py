@@ -40,10 +40,25 @@ def _linear_on_quantized_tokens(self: nn.Linear, x: torch.Tensor) -> torch.Tenso
     return F.linear(quantize_per_token(x), self.weight, self.bias)
 
 
+def _perturbed_linear(seed: int, ulps: float):
+    def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        # a hash of each value's bits, so that equal inputs are rounded equally, as by a real kernel
+        bits = x.float().contiguous().view(torch.int32).to(torch.int64)
+        uniform = ((bits * 2654435761 + seed * 40503) % 65536).to(x.dtype) / 32767.5 - 1
+        return F.linear(quantize_per_token(x * (1 + uniform * ulps * 2.0**-23)), self.weight, self.bias)
+
+    return forward
+
+
 @contextlib.contextmanager
-def dequantized(model: nn.Module, plan: QuantPlan):
+def dequantized(model: nn.Module, plan: QuantPlan, jitter: tuple[int, float] | None = None):
     """Inside the block, `model` computes with the plan's dequantized weights and fake-quantized
-    activations; its float weights come back afterwards (see replaced_weights)."""
+    activations; its float weights come back afterwards (see replaced_weights).
+
+    jitter (seed, ulps): every activation entering a dynamic quantizer is first moved by up to
+    `ulps` units in the last place, pseudo-randomly but as a function of its value: what another
+    correct fp32 kernel's summation order does to it. The parity gate measures its noise floor
+    with this (parity.noise_floor)."""
     for name, weight in plan.weights.items():
         if weight.activations not in (None, INT8_ASYMMETRIC_PER_TOKEN):
             raise ValueError(f"{name}: unknown activation quantization {weight.activations!r}")
@@ -53,10 +68,11 @@ def dequantized(model: nn.Module, plan: QuantPlan):
     for weight in plan.weights.values():
         if id(weight.qdata) not in by_integers:
             by_integers[id(weight.qdata)] = weight.dequantize()
+    forward = _linear_on_quantized_tokens if jitter is None else _perturbed_linear(*jitter)
     with replaced_weights(model, {name: by_integers[id(w.qdata)] for name, w in plan.weights.items()}):
         try:
             for module in on_quantized_tokens:
-                module.forward = types.MethodType(_linear_on_quantized_tokens, module)
+                module.forward = types.MethodType(forward, module)
             yield model
         finally:
             for module in on_quantized_tokens:

@@ -23,6 +23,7 @@ from torch import nn
 from qwen_mobile.errors import QwenMobileError
 
 SCHEMES_PATH = Path(__file__).resolve().parent / "schemes.json"
+PLAN_FILE = "plan.safetensors"  # a calibrated plan, as a bundle carries it (save_plan / load_plan)
 GROUP_SIZES = (32, 64, 128)
 EMBEDDINGS = ("embed_tokens.weight", "lm_head.weight")
 # in_proj_a and in_proj_b project to one value per value head: the decay input and beta,
@@ -342,5 +343,7 @@ def load_plan(path: str | Path) -> QuantPlan:
             )
     except (SafetensorError, OSError) as error:
         raise QwenMobileError(f"{path}: not a readable safetensors file ({error})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as error:  # a header that is not save_plan's
+        raise QwenMobileError(f"{path}: not a quantization plan this version reads ({type(error).__name__}: {error})") from None
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise QwenMobileError(f"{path}: malformed plan header ({type(error).__name__}: {error})") from None
