@@ -9,7 +9,8 @@ sub, transpose, reshape, tile, slice_by_index, concat, cast), in one of two form
   squaring, (I - N)^-1 = prod_j (I + N^(2^j)): matmuls only, no triangular solve.
 
 The same module converts the two small ops (lower.pair_join / lower.pair_split) that
-read and write a state held at fp32 precision as an fp16 hi/lo pair.
+read and write a state held at fp32 precision as an fp16 hi/lo pair, and replaces, for the
+duration of a conversion, coremltools' translation of `aten::reciprocal` (exact_reciprocal).
 
 Every op these converters emit computes in fp32 (inputs are cast up when the program
 computes in fp16) and carries GDR_TAG in its name, so an fp16 export can leave exactly
@@ -19,6 +20,7 @@ sequence.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import numpy as np
@@ -207,3 +209,38 @@ def register() -> None:
     register_torch_op(qwen_mobile_coreml_pair_join, torch_alias=["qwen_mobile_coreml::pair_join"], override=True)
     register_torch_op(qwen_mobile_coreml_pair_split, torch_alias=["qwen_mobile_coreml::pair_split"], override=True)
     _registered = True
+
+
+def reciprocal(context, node):
+    """torch.reciprocal as 1 / x. coremltools translates it to MIL `inverse`, whose epsilon
+    (default 1e-4) makes it 1 / (x + 1e-4): the rotary frequencies (1 / theta^(2i/d), folded
+    to a constant) came out up to 1e-4 relative too small, so rotation angles were off by
+    position x 1e-4 rad (3e-3 at position 31, 0.2 at position 2,047); on the embedded model
+    that alone put the fp32 program 4e-4 x std from the eager logits."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
+    from coremltools.converters.mil.mil import types
+
+    (x,) = _get_inputs(context, node, expected=1)
+    if not types.is_float(x.dtype):
+        x = mb.cast(x=x, dtype="fp32")
+    one = np.array(1.0, dtype=types.nptype_from_builtin(x.dtype))
+    context.add(mb.real_div(x=one, y=x, name=node.name))
+
+
+@contextlib.contextmanager
+def exact_reciprocal():
+    """coremltools' torch frontend with `reciprocal` translated as 1 / x while the block runs;
+    its own translation is restored afterwards (it is global to the process)."""
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
+
+    mapping = _TORCH_OPS_REGISTRY.name_to_func_mapping
+    original = mapping.get("reciprocal")
+    mapping["reciprocal"] = reciprocal
+    try:
+        yield
+    finally:
+        if original is None:
+            mapping.pop("reciprocal", None)
+        else:
+            mapping["reciprocal"] = original

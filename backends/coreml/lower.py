@@ -156,7 +156,7 @@ def convert_function(
         precision = ct.transform.FP16ComputePrecision(op_selector=lambda op: composite.GDR_TAG not in op.name)
     else:
         precision = ct.precision.FLOAT32
-    with quiet(), compress.pipeline_with(plan) as (pipeline, encoder):
+    with quiet(), composite.exact_reciprocal(), compress.pipeline_with(plan) as (pipeline, encoder):
         mlmodel = ct.convert(
             traced, inputs=inputs, states=states,
             outputs=[ct.TensorType(name="logits", dtype=np.float32)],
