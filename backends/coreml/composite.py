@@ -26,6 +26,13 @@ import itertools
 import numpy as np
 
 GDR_TAG = "__gdr32__"
+# A state held at fp32 precision is stored as fp16 hi = fp16(x) and lo = fp16((x - hi) * LO_SCALE).
+# x - hi is at most half an fp16 step of x (|x| 2^-11), so unscaled it would sit 11 binary
+# orders below x: in fp16's subnormal range for every |x| < 0.25, where fp16 keeps an absolute
+# step of 2^-24 instead of 11 significant bits (and a runtime that flushes subnormals keeps
+# nothing). Scaled by 2^11 it keeps 11 bits for every |x| >= 2^-13, and still cannot overflow:
+# |x| <= 65504 (hi's own range) gives |lo| <= 2^15. A power of two: scaling is exact both ways.
+LO_SCALE = 2048.0
 MAX_CHUNK = 64  # the op's default chunk (qwen_mobile.ops.gated_delta_rule.DEFAULT_CHUNK_SIZE)
 
 _registered = False
@@ -159,18 +166,19 @@ def _chunk(mb, n, q, k, v, g, beta, state, size):
 
 
 def build_pair_join(high, low, name: str):
-    """fp32 value of a state held as an fp16 hi/lo pair: hi + lo, in fp32."""
+    """fp32 value of a state held as an fp16 hi/lo pair: hi + lo / LO_SCALE, in fp32."""
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import types
 
     n = _Names(name)
     high, low = (x if x.dtype == types.fp32 else mb.cast(x=x, dtype="fp32", name=n("cast")) for x in (high, low))
+    low = mb.mul(x=low, y=np.float32(1.0 / LO_SCALE), name=n("unscale"))
     return mb.add(x=high, y=low, name=n("join"))
 
 
 def build_pair_split(value, name: str):
-    """(hi, lo) with hi = fp16(value) and lo = value - hi, computed in fp32 (both returned as
-    fp32; storing them into fp16 states rounds lo only)."""
+    """(hi, lo) with hi = fp16(value) and lo = (value - hi) * LO_SCALE, computed in fp32 (both
+    returned as fp32; storing them into fp16 states rounds lo only)."""
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import types
 
@@ -178,7 +186,8 @@ def build_pair_split(value, name: str):
     if value.dtype != types.fp32:
         value = mb.cast(x=value, dtype="fp32", name=n("cast"))
     high = mb.cast(x=mb.cast(x=value, dtype="fp16", name=n("round")), dtype="fp32", name=n("high"))
-    return high, mb.sub(x=value, y=high, name=n("low"))
+    rest = mb.sub(x=value, y=high, name=n("rest"))
+    return high, mb.mul(x=rest, y=np.float32(LO_SCALE), name=n("low"))
 
 
 def register() -> None:
