@@ -49,7 +49,7 @@ class CoreMLBackend(Backend):
             "precision": {
                 "compute": plan.scheme.compute_dtype,
                 "states": "Core ML states are fp16; a state kept at fp32 precision is a pair of fp16 states, "
-                          "value = hi + lo",
+                          f"value = hi + lo / {lower.composite.LO_SCALE:g}",
                 "fp32_precision_states": sorted(STATE_TENSOR_NAMES[field] for field in split),
                 "recurrent_state_drift": RECURRENT_STATE_DRIFT,
                 "recurrence_ops": "fp32 (the gated delta rule composite is excluded from fp16)",

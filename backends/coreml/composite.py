@@ -9,7 +9,8 @@ sub, transpose, reshape, tile, slice_by_index, concat, cast), in one of two form
   squaring, (I - N)^-1 = prod_j (I + N^(2^j)): matmuls only, no triangular solve.
 
 The same module converts the two small ops (lower.pair_join / lower.pair_split) that
-read and write a state held at fp32 precision as an fp16 hi/lo pair.
+read and write a state held at fp32 precision as an fp16 hi/lo pair, and replaces, for the
+duration of a conversion, coremltools' translation of `aten::reciprocal` (exact_reciprocal).
 
 Every op these converters emit computes in fp32 (inputs are cast up when the program
 computes in fp16) and carries GDR_TAG in its name, so an fp16 export can leave exactly
@@ -19,11 +20,19 @@ sequence.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import numpy as np
 
 GDR_TAG = "__gdr32__"
+# A state held at fp32 precision is stored as fp16 hi = fp16(x) and lo = fp16((x - hi) * LO_SCALE).
+# x - hi is at most half an fp16 step of x (|x| 2^-11), so unscaled it would sit 11 binary
+# orders below x: in fp16's subnormal range for every |x| < 0.25, where fp16 keeps an absolute
+# step of 2^-24 instead of 11 significant bits (and a runtime that flushes subnormals keeps
+# nothing). Scaled by 2^11 it keeps 11 bits for every |x| >= 2^-13, and still cannot overflow:
+# |x| <= 65504 (hi's own range) gives |lo| <= 2^15. A power of two: scaling is exact both ways.
+LO_SCALE = 2048.0
 MAX_CHUNK = 64  # the op's default chunk (qwen_mobile.ops.gated_delta_rule.DEFAULT_CHUNK_SIZE)
 
 _registered = False
@@ -157,18 +166,19 @@ def _chunk(mb, n, q, k, v, g, beta, state, size):
 
 
 def build_pair_join(high, low, name: str):
-    """fp32 value of a state held as an fp16 hi/lo pair: hi + lo, in fp32."""
+    """fp32 value of a state held as an fp16 hi/lo pair: hi + lo / LO_SCALE, in fp32."""
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import types
 
     n = _Names(name)
     high, low = (x if x.dtype == types.fp32 else mb.cast(x=x, dtype="fp32", name=n("cast")) for x in (high, low))
+    low = mb.mul(x=low, y=np.float32(1.0 / LO_SCALE), name=n("unscale"))
     return mb.add(x=high, y=low, name=n("join"))
 
 
 def build_pair_split(value, name: str):
-    """(hi, lo) with hi = fp16(value) and lo = value - hi, computed in fp32 (both returned as
-    fp32; storing them into fp16 states rounds lo only)."""
+    """(hi, lo) with hi = fp16(value) and lo = (value - hi) * LO_SCALE, computed in fp32 (both
+    returned as fp32; storing them into fp16 states rounds lo only)."""
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import types
 
@@ -176,7 +186,8 @@ def build_pair_split(value, name: str):
     if value.dtype != types.fp32:
         value = mb.cast(x=value, dtype="fp32", name=n("cast"))
     high = mb.cast(x=mb.cast(x=value, dtype="fp16", name=n("round")), dtype="fp32", name=n("high"))
-    return high, mb.sub(x=value, y=high, name=n("low"))
+    rest = mb.sub(x=value, y=high, name=n("rest"))
+    return high, mb.mul(x=rest, y=np.float32(LO_SCALE), name=n("low"))
 
 
 def register() -> None:
@@ -207,3 +218,38 @@ def register() -> None:
     register_torch_op(qwen_mobile_coreml_pair_join, torch_alias=["qwen_mobile_coreml::pair_join"], override=True)
     register_torch_op(qwen_mobile_coreml_pair_split, torch_alias=["qwen_mobile_coreml::pair_split"], override=True)
     _registered = True
+
+
+def reciprocal(context, node):
+    """torch.reciprocal as 1 / x. coremltools translates it to MIL `inverse`, whose epsilon
+    (default 1e-4) makes it 1 / (x + 1e-4): the rotary frequencies (1 / theta^(2i/d), folded
+    to a constant) came out up to 1e-4 relative too small, so rotation angles were off by
+    position x 1e-4 rad (3e-3 at position 31, 0.2 at position 2,047); on the embedded model
+    that alone put the fp32 program 4e-4 x std from the eager logits."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
+    from coremltools.converters.mil.mil import types
+
+    (x,) = _get_inputs(context, node, expected=1)
+    if not types.is_float(x.dtype):
+        x = mb.cast(x=x, dtype="fp32")
+    one = np.array(1.0, dtype=types.nptype_from_builtin(x.dtype))
+    context.add(mb.real_div(x=one, y=x, name=node.name))
+
+
+@contextlib.contextmanager
+def exact_reciprocal():
+    """coremltools' torch frontend with `reciprocal` translated as 1 / x while the block runs;
+    its own translation is restored afterwards (it is global to the process)."""
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
+
+    mapping = _TORCH_OPS_REGISTRY.name_to_func_mapping
+    original = mapping.get("reciprocal")
+    mapping["reciprocal"] = reciprocal
+    try:
+        yield
+    finally:
+        if original is None:
+            mapping.pop("reciprocal", None)
+        else:
+            mapping["reciprocal"] = original

@@ -9,7 +9,7 @@ Two functions share one weight blob:
 
 Conv, recurrent and KV state are Core ML states (`ct.StateType`), updated in place by
 the program. Core ML states are fp16 only, so a state kept at fp32 precision (all of them
-under fp32 compute) is a pair of fp16 states, hi + lo (see stored_states); a call at
+under fp32 compute) is a pair of fp16 states, hi + lo / 2048 (see stored_parts); a call at
 input_pos 0 starts a new sequence (the core model zeroes the conv and recurrent states
 there; KV slots beyond a query's position are masked). All shapes are static: both
 functions pass the core a `length` (decode: 1), so KV caches are written by the core's
@@ -49,22 +49,23 @@ DEFAULT_FUNCTION = "decode"
 def pair_join(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     """A state held as an fp16 hi/lo pair, as fp32. Its own op so that the converter can keep
     it in fp32 inside an fp16 program (composite.build_pair_join)."""
-    return high.float() + low.float()
+    return high.float() + low.float() * (1.0 / composite.LO_SCALE)
 
 
 @torch.library.custom_op("qwen_mobile_coreml::pair_split", mutates_args=())
 def pair_split(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 -> (hi = fp16-representable part, lo = the rest), both fp32 (composite.build_pair_split)."""
+    """fp32 -> (hi = fp16-representable part, lo = the rest x LO_SCALE), both fp32 (composite.build_pair_split)."""
     high = value.float().to(torch.float16).float()
-    return high, value.float() - high
+    return high, (value.float() - high) * composite.LO_SCALE
 
 
 def stored_parts(tensor: StateTensor, split: frozenset[str]) -> tuple[str, ...]:
     """The suffixes a state tensor is stored under: ("_hi", "_lo") for a kind kept at fp32 precision.
 
-    Core ML states are fp16 only (coremltools refuses any other dtype). A kind in `split`
-    keeps fp32 precision as two fp16 states, `_hi` = fp16(x) and `_lo` = fp16(x - hi):
-    the same bytes as one fp32 tensor, and 22 significant bits instead of 11."""
+    Core ML states are fp16 only (coremltools 9.0 refuses any other dtype, for iOS 18 and
+    iOS 26 targets alike). A kind in `split` keeps fp32 precision as two fp16 states,
+    `_hi` = fp16(x) and `_lo` = fp16((x - hi) * LO_SCALE), value = hi + lo / LO_SCALE: the same
+    bytes as one fp32 tensor, and 22 significant bits instead of 11 (see composite.LO_SCALE)."""
     return ("_hi", "_lo") if tensor.field in split else ("",)
 
 
@@ -156,7 +157,7 @@ def convert_function(
         precision = ct.transform.FP16ComputePrecision(op_selector=lambda op: composite.GDR_TAG not in op.name)
     else:
         precision = ct.precision.FLOAT32
-    with quiet(), compress.pipeline_with(plan) as (pipeline, encoder):
+    with quiet(), composite.exact_reciprocal(), compress.pipeline_with(plan) as (pipeline, encoder):
         mlmodel = ct.convert(
             traced, inputs=inputs, states=states,
             outputs=[ct.TensorType(name="logits", dtype=np.float32)],
