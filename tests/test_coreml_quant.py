@@ -49,23 +49,6 @@ def stored(exported) -> dict:
     return compress.stored_encodings(emulator.Package(exported / "model.mlpackage"))
 
 
-def mismatches(stored: dict, encoded: dict, weights: dict) -> list[str]:
-    """Planned weights whose integers, scales or zero points differ from what the package holds."""
-    wrong = []
-    for name, weight in weights.items():
-        entry = stored[encoded[name]]
-        offset = np.zeros_like(weight.zero_point.numpy()) if entry["offset"] is None else entry["offset"]
-        same = (
-            entry["dtypes"]["data"] == f"int{weight.bits}"
-            and np.array_equal(entry["data"], weight.qdata.numpy())
-            and np.array_equal(entry["scale"], weight.scale.numpy())
-            and np.array_equal(offset, weight.zero_point.numpy())
-        )
-        if not same:
-            wrong.append(name)
-    return wrong
-
-
 def test_the_manifest_records_the_plan_and_the_quantized_gate(exported, manifest, plan):
     assert manifest["quant"] == plan.to_manifest()
     quant = manifest["quant"]
@@ -76,6 +59,7 @@ def test_the_manifest_records_the_plan_and_the_quantized_gate(exported, manifest
     assert gate["passed"] and gate["reference"] == "eager model with the same quantization plan"
     assert gate["relative_diff"] <= gate["max_relative_diff"] == 2e-2 and gate["top1_agreement"] >= gate["min_top1"] == 0.99
     assert gate["positions_checked"] >= 100 and list(gate["runtimes"]) == ["emulator"]
+    assert gate["weights"] == {"checked": len(plan.weights), "differ": []}  # read back from the package
     # reported, not gated: how far the int4 model is from the float one
     assert 0 < gate["versus_float"]["mean_kl"] < 0.5 and 0.5 < gate["versus_float"]["top1_agreement"] <= 1
     assert manifest["operations"]["decode"]["constexpr_blockwise_shift_scale"] == len(
@@ -89,7 +73,7 @@ def test_the_package_holds_the_plans_integers_scales_and_zero_points(manifest, p
     for function, encoded in functions.items():
         assert set(encoded) == set(plan.weights)  # embedding and lm_head included
         assert encoded["lm_head.weight"] == encoded["embed_tokens.weight"]  # tied: the same integers, once
-        assert mismatches(stored[function], encoded, plan.weights) == []
+        assert compress.mismatches(stored[function], encoded, plan.weights) == []
         assert {e["dtypes"]["data"] for e in stored[function].values()} == {"int4"}  # packed, not int8
         assert {e["dtypes"]["scale"] for e in stored[function].values()} == {"fp32"}
 
@@ -101,7 +85,7 @@ def test_a_one_step_change_to_one_integer_is_detected(manifest, plan, stored):
     moved[3, 5] = moved[3, 5] + 1 if moved[3, 5] < weight.qmax else moved[3, 5] - 1
     changed = {**plan.weights, name: dataclasses.replace(weight, qdata=moved)}
     encoded = manifest["weight_compression"]["functions"]["decode"]
-    assert mismatches(stored["decode"], encoded, changed) == [name]
+    assert compress.mismatches(stored["decode"], encoded, changed) == [name]
 
 
 def test_both_functions_share_each_compressed_weight_and_the_package_is_smaller_than_fp16(exported, manifest,
@@ -124,7 +108,7 @@ def test_int8_is_encoded_per_channel_from_the_plan(loaded, tmp_path):
     mlmodel.save(str(tmp_path / "decode.mlpackage"))
     stored = compress.stored_encodings(emulator.Package(tmp_path / "decode.mlpackage"))["main"]
     assert set(encoded) == set(plan.weights)
-    assert mismatches(stored, {name: ops[0] for name, ops in encoded.items()}, plan.weights) == []
+    assert compress.mismatches(stored, {name: ops[0] for name, ops in encoded.items()}, plan.weights) == []
     assert {e["dtypes"]["data"] for e in stored.values()} == {"int8"}
     assert {e["scale"].shape[1] for e in stored.values()} == {1}  # one scale per output channel
     assert all(p.dtype == torch.float32 for p in model.parameters())  # float weights are back

@@ -75,6 +75,15 @@ class CoreMLBackend(Backend):
         return Runner(lambda tokens, start: runtime.step(session, tokens, start, chunk),
                       max_context=manifest["max_context"], max_chunk=chunk)
 
+    def missing_weights(self, bundle: Path, manifest: dict, plan) -> list[str]:
+        """Each function's constexpr_blockwise_shift_scale ops read back from the package, against the plan."""
+        stored = compress.stored_encodings(emulator.Package(Path(bundle) / manifest["artifact"]))
+        functions = manifest.get("weight_compression", {}).get("functions", {})
+        missing = set()
+        for function in stored:
+            missing.update(compress.mismatches(stored[function], functions.get(function, {}), plan.weights))
+        return sorted(missing)
+
     def bench_refusal(self) -> str | None:
         return None if runtime.use_core_ml() else EMULATOR_REFUSAL
 

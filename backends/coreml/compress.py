@@ -194,3 +194,25 @@ def stored_encodings(package) -> dict[str, dict[str, dict]]:
                     entry["offsets"][key] = value.blobFileValue.offset
             ops[op.outputs[0].name] = entry
     return found
+
+
+def mismatches(stored: dict, encoded: dict, weights: dict) -> list[str]:
+    """Planned weights whose integers, scales or zero points differ from what one function of the
+    package holds. stored: that function's stored_encodings; encoded: planned weight -> the
+    constexpr op (or ops) that hold it (the manifest's weight_compression); weights: the plan's."""
+    def holds(entry, weight) -> bool:
+        offset = np.zeros_like(weight.zero_point.numpy()) if entry["offset"] is None else entry["offset"]
+        return (
+            entry["dtypes"].get("data") == f"int{weight.bits}"
+            and np.array_equal(entry["data"], weight.qdata.numpy())
+            and np.array_equal(entry["scale"], weight.scale.numpy())
+            and np.array_equal(offset, weight.zero_point.numpy())
+        )
+
+    wrong = []
+    for name, weight in weights.items():
+        ops = encoded.get(name, [])
+        ops = [ops] if isinstance(ops, str) else ops
+        if not ops or not all(op in stored and holds(stored[op], weight) for op in ops):
+            wrong.append(name)
+    return wrong
