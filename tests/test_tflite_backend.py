@@ -7,6 +7,7 @@ the tests that need a failing or refused export reuse its flatbuffer instead of 
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -236,10 +237,14 @@ def test_a_failing_gate_leaves_no_bundle(exported, tmp_path, monkeypatch):
 
 
 def test_quant_schemes_it_cannot_encode_are_refused_by_name(loaded, tmp_path):
-    with pytest.raises(QwenMobileError, match="--quant '8da4w' is not supported by the tflite backend; it supports"):
-        export_bundle(None, "tflite", "8da4w", tmp_path / "a")
+    with pytest.raises(QwenMobileError, match="--quant 'fp16' is not supported by the tflite backend; it supports"):
+        export_bundle(None, "tflite", "fp16", tmp_path / "a")
     plan = make_plan(loaded.model, resolve_scheme("8da4w"))
-    with pytest.raises(QwenMobileError, match="layers.0.linear_attn.in_proj_qkv.weight"):
+    name = "layers.0.linear_attn.in_proj_qkv.weight"
+    scale = plan.weights[name].scale.clone()
+    scale[0, 0] = 2.0**-20 * (1 + 2.0**-7)  # bf16-exact, not fp16-exact
+    plan.weights[name] = replace(plan.weights[name], scale=scale)
+    with pytest.raises(QwenMobileError, match=f"^{name}: a scale is not exact in fp16"):
         BACKEND.load().check(plan, DEFAULTS)  # what a library caller passing its own plan meets
     assert list(tmp_path.iterdir()) == []
 
