@@ -247,7 +247,6 @@ def test_8da4w_computes_the_plans_model_through_both_runtimes(tied_8da4w):
         (got,) = runner(tokens=TOKENS.numpy()).values()
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
         assert np.abs(got - weight_only).max() > 1e-3 * np.abs(expected).max()  # the activations were quantized
-    (first, _) = [f for f in quantize.fully_connected_filters(encoded)]
     from ai_edge_litert import schema_py_generated as schema
 
     model = schema.ModelT.InitFromPackedBuf(encoded, 0)
