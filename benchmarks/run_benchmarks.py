@@ -6,8 +6,8 @@ memory-bandwidth bound, on one machine in one run; writes benchmarks/RESULTS.md.
 Steps (each one reuses what an earlier, possibly interrupted, run left in --work):
 1. a Qwen3.5-0.8B-shaped random checkpoint (`qwen-mobile fixture --shape 0.8b`), or --checkpoint;
 2. our bundles, each by `qwen-mobile export` in its own process: ExecuTorch fp32, int8, 8da4w
-   (g32 and g128) and int4 (refused by the backend: recorded as such), TFLite int8, int4 and
-   8da8w (exported with --max-context --tflite-context so that decode at 1,024 fits);
+   (g32 and g128) and int4 (refused by the backend: recorded as such), TFLite int8, int4,
+   8da8w and 8da4w (exported with --max-context --tflite-context so that decode at 1,024 fits);
    `--ungated NAME,...` exports those with `--no-gate` (a bundle whose manifest says the gate
    never ran, for timing a lowering whose gate refuses random weights); `--reuse NAME=DIR`
    takes an existing bundle instead of exporting;
@@ -53,6 +53,7 @@ OURS = {  # name -> (backend, quant, --group-size or None for the scheme's defau
     "tflite-int8": ("tflite", "int8", None),
     "tflite-int4": ("tflite", "int4", None),
     "tflite-8da8w": ("tflite", "8da8w", None),
+    "tflite-8da4w": ("tflite", "8da4w", None),
 }
 INT4_CLASS = ("executorch-8da4w", "executorch-8da4w-g128", "executorch-int4")
 ALL = (*OURS, OWN)
@@ -459,6 +460,7 @@ def targets(results: dict, exports: dict, bounds: dict) -> list[str]:
         prefill, decode = rate(results, name, "prefill", "512"), rate(results, name, "decode", "128")
         if prefill and decode:
             out.append(f"- {name}: prefill 512 / decode = {prefill / decode:.1f}x ({verdict(prefill / decode, 5)} at >= 5x)")
+    out += tflite_targets(results)
     mine, theirs = exports.get("executorch-8da4w", {}), exports.get(OWN, {})
     if mine.get("wall_s") and theirs.get("wall_s"):
         what = "written with --no-gate: the gate did not run" if mine.get("status") == "ungated" else mine.get("status")
@@ -468,6 +470,27 @@ def targets(results: dict, exports: dict, bounds: dict) -> list[str]:
                    f"({'met' if mine['wall_s'] < theirs['wall_s'] and mine['peak_rss_bytes'] < theirs['peak_rss_bytes'] else 'MISSED'})")
     else:
         out.append("- export time and memory vs ExecuTorch's example export: n/a (one of them was not timed here)")
+    return out
+
+
+def tflite_targets(results: dict) -> list[str]:
+    """TFLite 8da4w against ExecuTorch 8da4w (the phone schemes of the two Android runtimes)."""
+    ours, theirs = results.get("tflite-8da4w"), results.get("executorch-8da4w")
+    if not ours or not theirs:
+        return []
+    out = []
+    for figure, key in (("decode", "128"), ("decode", "1024"), ("prefill", "512")):
+        mine, other = rate(results, "tflite-8da4w", figure, key), rate(results, "executorch-8da4w", figure, key)
+        if mine and other:
+            out.append(f"- tflite-8da4w {figure} {key} / executorch-8da4w's >= 0.8: {mine / other:.2f}x "
+                       f"({'met' if mine / other >= 0.8 else 'MISSED'})")
+    size, peak = ours.get("artifact_bytes"), ours.get("peak_rss_bytes")
+    if size and peak:
+        out.append(f"- tflite-8da4w peak resident memory / file size <= 1.5: {peak / size:.2f}x "
+                   f"({'met' if peak / size <= 1.5 else 'MISSED'})")
+    if size and theirs.get("artifact_bytes"):
+        ratio = size / theirs["artifact_bytes"]
+        out.append(f"- tflite-8da4w file / executorch-8da4w's <= 1.05: {ratio:.3f}x ({'met' if ratio <= 1.05 else 'MISSED'})")
     return out
 
 

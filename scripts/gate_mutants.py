@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-from qwen_mobile.bundle import gate_bundle, lengths_of, load_source, read_manifest
+from qwen_mobile.bundle import lengths_of, load_source, read_manifest
 from qwen_mobile.generate import eager_step
 from qwen_mobile.models import qwen3_5 as model_file
-from qwen_mobile.parity import compare, references
+from qwen_mobile.parity import compare, gate_artifact, references
 from qwen_mobile.quant.eager import dequantized
 from qwen_mobile.registry import Runner
 from qwen_mobile.swaps import ModuleSwap, swapped
@@ -82,8 +82,7 @@ def weight_mutants(plan) -> dict:
     }
 
 
-def run_weight_mutant(bundle: Path, manifest: dict, spec, plan, name: str, mutant, work: Path,
-                      source: str | None) -> dict:
+def run_weight_mutant(bundle: Path, manifest: dict, backend, plan, refs, name: str, mutant, work: Path) -> dict:
     from qwen_mobile.backends.executorch.weights import expected_blobs
 
     copied = work / "mutant"
@@ -93,7 +92,7 @@ def run_weight_mutant(bundle: Path, manifest: dict, spec, plan, name: str, mutan
     for old, new in zip(expected_blobs(name, planned), expected_blobs(name, mutant)):
         if old != new:
             edit_pte(copied / manifest["artifact"], old, new)
-    return gate_bundle(copied, manifest, spec, source)
+    return gate_artifact(backend, copied, manifest, refs, plan)
 
 
 # ---------------------------------------------------------------- structural mutants (eager runners)
@@ -200,14 +199,15 @@ def measure_all(bundle: Path, source: str | None = None) -> list[dict]:
     manifest, spec = read_manifest(bundle)
     loaded, plan = load_source(bundle, manifest, source)
     model, lengths = loaded.model, lengths_of(manifest)
-    refs = references(model, lengths, plan, tokenizer_dir=bundle)
+    refs = references(model, lengths, plan, tokenizer_dir=bundle)  # once: every mutant is measured against them
+    backend = spec.load()
     rows = [{"mutant": "none: the bundle as written", "kind": "artifact", "expect": "pass",
-             **summary(gate_bundle(bundle, manifest, spec, source))},
+             **summary(gate_artifact(backend, bundle, manifest, refs, plan))},
             {"mutant": "none: the plan in eager, other activation rounding", "kind": "eager", "expect": "pass",
              **summary(run_correct(model, plan, refs, lengths))}]
     with tempfile.TemporaryDirectory() as work:
         for label, (name, mutant) in weight_mutants(plan).items():
-            result = run_weight_mutant(bundle, manifest, spec, plan, name, mutant, Path(work), source)
+            result = run_weight_mutant(bundle, manifest, backend, plan, refs, name, mutant, Path(work))
             rows.append({"mutant": label, "kind": "artifact", "expect": "refuse", **summary(result)})
     for label, mutant in structural_mutants(model.config).items():
         rows.append({"mutant": label, "kind": "eager", "expect": "refuse",

@@ -7,6 +7,7 @@ the tests that need a failing or refused export reuse its flatbuffer instead of 
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,21 @@ from qwen_mobile.models.qwen3_5 import GatedDeltaNet
 from qwen_mobile.quant.plan import make_plan, resolve_scheme
 
 PROMPT = "ROMEO:\nWhat light"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def weight_cache(tmp_path_factory):
+    """XNNPACK's packed weights for these tests' artifacts go to a directory of the tests' own."""
+    import os
+
+    directory = tmp_path_factory.mktemp("xnnpack-cache")
+    saved = os.environ.get(runtime.CACHE_ENV)
+    os.environ[runtime.CACHE_ENV] = str(directory)
+    yield directory
+    if saved is None:
+        del os.environ[runtime.CACHE_ENV]
+    else:
+        os.environ[runtime.CACHE_ENV] = saved
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +101,17 @@ def test_the_bundle_holds_every_file_and_describes_both_signatures(exported, man
         assert set(method_inputs) - {"tokens", "input_pos", "length"} == set(manifest["state_feeds"].values())
     state = {entry["name"]: entry for entry in manifest["state"]}
     assert set(state) == set(manifest["state_feeds"].values())  # the manifest names each input it lists
+    for entry in manifest["state"]:  # as the signatures take them
+        assert entry["shape"] == {t["name"]: t for t in decode["inputs"]}[entry["name"]]["shape"]
+    # stored layouts (swaps.stored_shape): batch dropped, values and recurrent state transposed
     assert state["layer0_recurrent_state"]["dtype"] == "float32"
-    assert state["layer3_key_cache"]["shape"] == [1, config.num_key_value_heads, manifest["max_context"], config.head_dim]
+    assert state["layer0_recurrent_state"]["shape"] == [
+        config.linear_num_value_heads, config.linear_value_head_dim, config.linear_key_head_dim]
+    assert state["layer3_key_cache"]["shape"] == [config.num_key_value_heads, manifest["max_context"], config.head_dim]
+    assert state["layer3_value_cache"]["shape"] == [config.num_key_value_heads, config.head_dim, manifest["max_context"]]
+    # every cache may be bound in place, nothing else
+    caches = sorted(e["name"] for e in manifest["state"] if e["kind"] in ("key_cache", "value_cache"))
+    assert sorted(manifest["state_in_place"]) == caches and caches
 
 
 def test_the_gate_passes_with_xnnpack_on_and_off_over_64_tokens_of_prefill_then_decode(manifest, remeasured):
@@ -154,6 +179,83 @@ def test_padding_changes_neither_the_logits_nor_the_state(exported, manifest):
                 np.testing.assert_array_equal(other[name], value, err_msg=name)
 
 
+def test_the_caches_written_in_place_and_a_chunk_at_the_end_of_the_context_match_the_eager_model(
+        exported, manifest, loaded):
+    """The runtime binds each cache as its own output (state_in_place) and swaps the other state;
+    both runtimes match eager across a prefill chunk whose slot window would run past the end of
+    the context (written as a window that fits: only its real rows change), then decode to the last
+    slot. Binding every state in swapped buffers instead gives the same logits bit for bit."""
+    model, max_context, chunk = loaded.model, manifest["max_context"], manifest["max_seq_len"]
+    tokens = torch.randint(0, manifest["vocab_size"], (1, max_context), generator=torch.Generator().manual_seed(3))
+    spans = [(0, 32)] + [(p, p + chunk) for p in range(32, max_context - 40, chunk)]
+    start = spans[-1][1]
+    spans += [(start, max_context - 12), (max_context - 12, max_context - 4)]  # this chunk's window is clamped
+    spans += [(p, p + 1) for p in range(max_context - 4, max_context)]
+    assert spans[-3][0] + chunk > max_context and spans[-1][1] == max_context
+    state, expected = model.init_state(max_context), []
+    with torch.no_grad():
+        for a, b in spans:
+            logits, state = model(tokens[:, a:b], torch.tensor([a]), state)
+            expected.append(logits[0].numpy())
+    ids = tokens[0].tolist()
+    for xnnpack in (True, False):
+        results = []
+        for in_place in (manifest["state_in_place"], ()):
+            engine = runtime.TFLiteModel(exported / "model.tflite", manifest["state_feeds"], max_context,
+                                         xnnpack=xnnpack, in_place=in_place)
+            assert engine.in_place == list(in_place)
+            results.append([engine.step(ids[a:b], a) for a, b in spans])
+        for got, want in zip(results[0], expected):
+            assert np.abs(got - want).max() <= 1e-3 * want.std()
+        for first, second in zip(*results):
+            np.testing.assert_array_equal(first, second)
+
+
+def test_only_a_slice_write_that_nothing_else_reads_around_is_bound_in_place(tmp_path):
+    """lower.in_place_state reads the file: a cache output made by DYNAMIC_UPDATE_SLICE of its input
+    qualifies; one whose input another op reads after the write does not."""
+    import contextlib
+    import io
+
+    import litert_torch
+
+    class Cache(torch.nn.Module):
+        def __init__(self, read_after: bool):
+            super().__init__()
+            self.read_after = read_after
+
+        def forward(self, cache, new, pos):
+            written = swaps.write_rows(cache, new, pos, None, axis=1)
+            outputs = {"cache_out": written, "other_out": new * 2}
+            if self.read_after:
+                outputs["other_out"] = cache.sum(1, keepdim=True) + new
+            return outputs
+
+    sample = {"cache": torch.zeros(2, 16, 8), "new": torch.ones(2, 1, 8), "pos": torch.tensor([3], dtype=torch.int32)}
+    feeds = {"cache_out": "cache", "other_out": "new"}
+    found = []
+    for read_after in (False, True):
+        with contextlib.redirect_stdout(io.StringIO()):
+            flatbuffer = litert_torch.convert(Cache(read_after).eval(), (), sample_kwargs=sample).model_content()
+        found.append(lower.in_place_state(bytes(flatbuffer), feeds))
+    assert found == [["cache"], []]
+
+
+def test_packed_weights_are_kept_in_a_file_named_by_the_artifacts_digest(exported, manifest, weight_cache):
+    """XNNPACK's weight cache: one file per artifact, under $QWEN_MOBILE_CACHE, named by the file's
+    SHA-256 (never inside the bundle, whose files the manifest's digests cover); a later load maps it."""
+    path = runtime.weight_cache_path(exported / "model.tflite")
+    assert path.parent == weight_cache / "xnnpack" and path.name.startswith(runtime.file_digest(exported / "model.tflite"))
+    first = runtime.TFLiteModel(exported / "model.tflite", manifest["state_feeds"], manifest["max_context"])
+    assert first.weight_cache == path and path.stat().st_size > 0
+    assert not list(path.parent.glob("*.partial"))
+    again = runtime.TFLiteModel(exported / "model.tflite", manifest["state_feeds"], manifest["max_context"])
+    modified = path.stat().st_mtime_ns
+    np.testing.assert_array_equal(first.step([5, 6, 7], 0), again.step([5, 6, 7], 0))
+    assert path.stat().st_mtime_ns == modified
+    assert sorted(p.name for p in exported.iterdir()) == sorted(["manifest.json", *manifest["files"]])
+
+
 def test_conversion_leaves_the_eager_model_as_it_was(exported, loaded):
     model = loaded.model
     assert all(type(m.conv1d) is torch.nn.Conv1d for m in model.modules() if isinstance(m, GatedDeltaNet))
@@ -169,7 +271,11 @@ def test_the_npu_report_lists_every_op_with_static_shapes_against_the_support_ta
     assert len(report["operators"]) == sum(len(sg.operators) for sg in model.subgraphs)
     for op in report["operators"]:
         assert op["signature"] in ("prefill", "decode") and op["outputs"]
-        assert all(t["static"] and all(d > 0 for d in t["shape"]) or t["shape"] == [] for t in op["inputs"] + op["outputs"])
+        tensors = op["inputs"] + op["outputs"]
+        if op["op"] == "RESHAPE" and op["outputs"][0]["shape"] == []:  # to a scalar (a slice start): an empty shape
+            assert op["inputs"][1]["shape"] == [0] and op["inputs"][1]["static"]
+            tensors = [op["inputs"][0], *op["outputs"]]
+        assert all(t["static"] and all(d > 0 for d in t["shape"]) or t["shape"] == [] for t in tensors)
         assert set(op) >= {"qualcomm", "mediatek"}
     table = npu_report.support_table()
     builtins = {name for name in vars(schema.BuiltinOperator) if not name.startswith("_")}
@@ -236,35 +342,65 @@ def test_a_failing_gate_leaves_no_bundle(exported, tmp_path, monkeypatch):
 
 
 def test_quant_schemes_it_cannot_encode_are_refused_by_name(loaded, tmp_path):
-    with pytest.raises(QwenMobileError, match="--quant '8da4w' is not supported by the tflite backend; it supports"):
-        export_bundle(None, "tflite", "8da4w", tmp_path / "a")
+    with pytest.raises(QwenMobileError, match="--quant 'fp16' is not supported by the tflite backend; it supports"):
+        export_bundle(None, "tflite", "fp16", tmp_path / "a")
     plan = make_plan(loaded.model, resolve_scheme("8da4w"))
-    with pytest.raises(QwenMobileError, match="layers.0.linear_attn.in_proj_qkv.weight"):
+    name = "layers.0.linear_attn.in_proj_qkv.weight"
+    scale = plan.weights[name].scale.clone()
+    scale[0, 0] = 2.0**-20 * (1 + 2.0**-7)  # bf16-exact, not fp16-exact
+    plan.weights[name] = replace(plan.weights[name], scale=scale)
+    with pytest.raises(QwenMobileError, match=f"^{name}: a scale is not exact in fp16"):
         BACKEND.load().check(plan, DEFAULTS)  # what a library caller passing its own plan meets
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_int4_export_carries_the_plans_integers_and_passes_the_gate(loaded, tmp_path):
+@pytest.mark.parametrize("scheme", ["int4", "8da4w"])
+def test_a_4bit_export_carries_the_plans_integers_and_passes_the_gate_through_both_runtimes(loaded, tmp_path, scheme):
     """The quantized path end to end from the CLI: planned weights converted as signature inputs,
-    then made constants of the plan's integers; the app-facing signatures take no weight."""
+    then made constants of the plan's integers and scales (read back from the written file); the
+    app-facing signatures take no weight. 8da4w: every planned linear a blockwise INT4
+    FULLY_CONNECTED (XNNPACK's qd8 x qb4w kernel), the lookup on the same integers."""
     import subprocess
     import sys
 
     out = tmp_path / "bundle"
-    result = subprocess.run([sys.executable, "-m", "qwen_mobile", "export", "--backend", "tflite", "--quant", "int4",
+    result = subprocess.run([sys.executable, "-m", "qwen_mobile", "export", "--backend", "tflite", "--quant", scheme,
                              "--max-context", "96", "--out", str(out)], capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout == f"{out}\n"  # the converter's own progress (C++ and Python) stays off stdout
     manifest = json.loads((out / "manifest.json").read_text())
-    assert gate_bundle(out, manifest, BACKEND)["passed"] and manifest["max_context"] == 96
+    assert manifest["max_context"] == 96 and manifest["parity"]["passed"]
+    assert set(manifest["parity"]["runtimes"]) == {"xnnpack", "builtin_kernels"}
+    remeasured = gate_bundle(out, manifest, BACKEND)
+    assert remeasured["passed"] and all(r["passed"] for r in remeasured["runtimes"].values())
     for method in manifest["methods"].values():
         assert not [entry["name"] for entry in method["inputs"] if entry["name"].startswith("weight__")]
-    plan = make_plan(loaded.model, resolve_scheme("int4"))
-    stored = quantize.read_weights((out / "model.tflite").read_bytes())
+    plan = make_plan(loaded.model, resolve_scheme(scheme))
+    written = (out / "model.tflite").read_bytes()
+    stored = quantize.read_weights(written)
     shared = {"lm_head.weight"} if loaded.model.config.tie_word_embeddings else set()
     assert set(stored) == set(plan.weights) - shared
     for name, entry in stored.items():
-        np.testing.assert_array_equal(entry["qdata"].reshape(plan.weights[name].qdata.shape), plan.weights[name].qdata)
+        weight = plan.weights[name]
+        np.testing.assert_array_equal(entry["qdata"].reshape(weight.qdata.shape), weight.qdata)
+        np.testing.assert_array_equal(entry["scale"].reshape(weight.scale.shape), weight.scale)
+    # the gate looked every planned weight up in the file; one integer off in the plan is named
+    assert manifest["parity"]["weights"] == {"checked": len(plan.weights), "differ": []}
+    mutated = "layers.1.mlp.down_proj.weight"
+    qdata = plan.weights[mutated].qdata.clone()
+    qdata[0, 0] = -qdata[0, 0] if qdata[0, 0] != 0 else 1
+    plan.weights[mutated] = replace(plan.weights[mutated], qdata=qdata)
+    assert BACKEND.load().missing_weights(out, manifest, plan) == [mutated]
+    if scheme == "8da4w":
+        linears = {"embed_tokens.weight" if name in shared else name for name, w in plan.weights.items() if w.activations}
+        for signature in ("prefill", "decode"):
+            taken = [f for f in quantize.fully_connected_filters(written) if f["signature"] == signature]
+            blockwise = [f for f in taken if f["quantization"] == "blockwise"]
+            assert sorted(f["filter"] for f in blockwise) == sorted(f"{name}.qdata" for name in linears)
+            assert all(f["type"] == "INT4" and f["produced_by"] is None for f in blockwise)
+            assert [f["type"] for f in taken if f not in blockwise] == ["FLOAT32"] * len(plan.kept_float)
+        assert [(f["table"], f["quantization"]) for f in quantize.embedding_lookups(written)] == [
+            ("embed_tokens.weight.qdata", "blockwise")] * 2
 
 
 def test_an_8da8w_conversion_feeds_every_planned_linear_its_int8_filter_directly(loaded):

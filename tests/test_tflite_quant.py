@@ -15,7 +15,7 @@ from torch import nn
 from qwen_mobile.backends.tflite import lower, quantize
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.quant.eager import INT8_ASYMMETRIC_PER_TOKEN, dequantized
-from qwen_mobile.quant.plan import make_plan, resolve_scheme
+from qwen_mobile.quant.plan import make_plan, replaced_weights, resolve_scheme
 
 
 class Small(nn.Module):
@@ -33,16 +33,17 @@ class Small(nn.Module):
 class Tied(nn.Module):
     """The embedded model's head in small: the lm_head is the embedding's own weight. The gain
     (an RMSNorm weight's role) keeps the first linear's input off the embedding's integer grid,
-    where per-token int8 activations land on exact halves: TFLite's kernel rounds those away
-    from zero, torchao (the eager reference) to even."""
+    where per-token int8 activations land on exact halves: TFLite's kernels round those away
+    from zero, torchao (the eager reference) and XNNPACK to even. The ReLU is fused into the
+    first FULLY_CONNECTED by the converter."""
 
-    def __init__(self):
+    def __init__(self, width: int = 48):
         super().__init__()
         torch.manual_seed(0)
-        self.embed_tokens = nn.Embedding(64, 48)
-        self.gain = nn.Parameter(torch.rand(48) + 0.5)
-        self.proj = nn.Linear(48, 48, bias=False)
-        self.lm_head = nn.Linear(48, 64, bias=False)
+        self.embed_tokens = nn.Embedding(64, width)
+        self.gain = nn.Parameter(torch.rand(width) + 0.5)
+        self.proj = nn.Linear(width, width, bias=False)
+        self.lm_head = nn.Linear(width, 64, bias=False)
         self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, tokens):
@@ -95,6 +96,14 @@ def tied_8da8w(tied):
     return plan, converted, quantize.encode(converted, plan)
 
 
+@pytest.fixture(scope="module")
+def tied_8da4w():
+    """(module, plan, encoded) for a tied module 64 wide (two groups of 32 per row) under 8da4w."""
+    module = Tied(width=64).eval()
+    plan = make_plan(module, resolve_scheme("8da4w"))
+    return module, plan, quantize.encode(convert(module, plan), plan)
+
+
 def interpreters(flatbuffer: bytes):
     """Signature runners with XNNPACK and with TFLite's builtin kernels only."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
@@ -104,16 +113,19 @@ def interpreters(flatbuffer: bytes):
 
 
 def assert_stored_as_planned(stored: dict, plan, names) -> None:
-    """The integers, scales and zero points `quantize.read_weights` found are the plan's, for exactly `names`."""
+    """The integers, scales and zero points `quantize.read_weights` found are the plan's, for exactly
+    `names`, in the layout quantize.encode documents for each weight's form."""
     assert set(stored) == set(names)
     for name, entry in stored.items():
         weight = plan.weights[name]
         rows, columns = weight.qdata.shape
-        assert entry["bits"] == weight.bits
-        assert entry["qdata"].shape == (rows * (columns // weight.group_size), weight.group_size)  # quantize.encode's layout
+        assert entry["bits"] == weight.bits and entry["form"] == quantize.stored_form(weight)
+        assert entry["group_size"] == weight.group_size
+        layout = (rows * (columns // weight.group_size), weight.group_size) if entry["form"] == "grouped" else (rows, columns)
+        assert entry["qdata"].shape == layout
         np.testing.assert_array_equal(entry["qdata"].reshape(weight.qdata.shape), weight.qdata.numpy())
-        np.testing.assert_array_equal(entry["scale"], weight.scale.reshape(-1).numpy())
-        np.testing.assert_array_equal(entry["zero_point"], weight.zero_point.reshape(-1).numpy())
+        np.testing.assert_array_equal(entry["scale"].reshape(weight.scale.shape), weight.scale.numpy())
+        np.testing.assert_array_equal(entry["zero_point"].reshape(weight.zero_point.shape), weight.zero_point.numpy())
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
@@ -128,6 +140,13 @@ def test_the_ints_in_the_file_are_the_plans_and_it_computes_the_plans_model(smal
 
     assert_stored_as_planned(quantize.read_weights(encoded), plan, plan.weights)
     assert len(encoded) < len(float_flatbuffer) / (3 if scheme == "int8" else 4)  # the float copies are gone
+    # the lookup gathers quantized rows (no float copy of the table); weight-only linears take a float copy
+    (lookup,) = quantize.embedding_lookups(encoded)
+    assert (lookup["table"], lookup["produced_by"]) == ("embed_tokens.weight.qdata", None)
+    assert lookup["quantization"] == ("per_channel" if scheme == "int8" else "blockwise")
+    assert lookup["version"] == quantize.QUANTIZED_LOOKUP_VERSION
+    assert {f["produced_by"] for f in quantize.fully_connected_filters(encoded)} == {
+        "DEQUANTIZE" if scheme == "int8" else "RESHAPE"}
 
     for runner in interpreters(encoded):
         assert set(runner.get_input_details()) == {"tokens"}  # the weights are constants again
@@ -142,9 +161,10 @@ def test_int4_packs_two_values_per_byte_low_nibble_first():
     np.testing.assert_array_equal(quantize.unpack_int4(packed, 5), values)
 
 
-def test_8da8w_linears_take_the_plans_int8_filter_directly_and_the_tied_lookup_its_dequantized_copy(tied_8da8w):
+def test_8da8w_linears_and_the_tied_lookup_take_the_plans_int8_constant_directly(tied_8da8w):
     """TFLite's hybrid FULLY_CONNECTED: no DEQUANTIZE in front, each input row quantized with its own
-    scale and zero point. The tied lm_head's integers are the embedding's, one constant for both."""
+    scale and zero point. The tied lm_head's integers are the embedding's, one constant for both,
+    which the lookup reads row by row (no float copy of the table)."""
     from ai_edge_litert import schema_py_generated as schema
 
     plan, _, encoded = tied_8da8w
@@ -163,9 +183,8 @@ def test_8da8w_linears_take_the_plans_int8_filter_directly_and_the_tied_lookup_i
 
     integers = [t.name.decode() for t in subgraph.tensors].index("embed_tokens.weight.qdata")
     taking_integers = sorted(op_name(op) for op in subgraph.operators if integers in op.inputs)
-    assert taking_integers == ["DEQUANTIZE", "FULLY_CONNECTED"]
-    (dequantize,) = [op for op in subgraph.operators if op_name(op) == "DEQUANTIZE"]
-    assert [op_name(op) for op in subgraph.operators if dequantize.outputs[0] in op.inputs] == ["EMBEDDING_LOOKUP"]
+    assert taking_integers == ["EMBEDDING_LOOKUP", "FULLY_CONNECTED"]
+    assert "DEQUANTIZE" not in {op_name(op) for op in subgraph.operators}
     assert len(model.buffers[subgraph.tensors[integers].buffer].data) == 64 * 48  # stored once
 
     assert_stored_as_planned(quantize.read_weights(encoded), plan, {"embed_tokens.weight", "proj.weight"})
@@ -185,11 +204,84 @@ def test_8da8w_computes_the_plans_model_with_per_token_int8_activations(tied, ti
         assert np.abs(got - weight_only).max() > 1e-3 * np.abs(expected).max()  # the activations were quantized
 
 
+def test_8da4w_linears_and_the_tied_lookup_take_one_blockwise_int4_constant_with_fp16_scales(tied_8da4w):
+    """The form XNNPACK runs as its qd8 x qb4w kernel (and ai-edge-quantizer's dynamic_wi4b32_afp32
+    recipe writes): an INT4 [rows, columns] constant with BlockwiseQuantization details naming a FLOAT16
+    [rows, groups] constant of the plan's scales, taken by each FULLY_CONNECTED as its filter and by the
+    lookup as its table: no DEQUANTIZE anywhere, the integers stored once."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    _, plan, encoded = tied_8da4w
+    fields = ("filter", "type", "quantization", "produced_by", "asymmetric_quantize_inputs")
+    assert [tuple(f[field] for field in fields) for f in quantize.fully_connected_filters(encoded)] == [
+        ("proj.weight.qdata", "INT4", "blockwise", None, True),
+        ("embed_tokens.weight.qdata", "INT4", "blockwise", None, True),
+    ]
+    (lookup,) = quantize.embedding_lookups(encoded)
+    assert (lookup["table"], lookup["type"], lookup["quantization"], lookup["produced_by"]) == (
+        "embed_tokens.weight.qdata", "INT4", "blockwise", None)
+    model = schema.ModelT.InitFromPackedBuf(encoded, 0)
+    (subgraph,) = model.subgraphs
+    names = {value: name for name, value in vars(schema.BuiltinOperator).items() if not name.startswith("_")}
+    ops = [names[model.operatorCodes[op.opcodeIndex].builtinCode] for op in subgraph.operators]
+    assert "DEQUANTIZE" not in ops
+    table = next(t for t in subgraph.tensors if t.name.decode() == "embed_tokens.weight.qdata")
+    details = table.quantization.details
+    scales = subgraph.tensors[details.scales]
+    assert (details.blockSize, details.zeroPoints) == (32, -1)
+    assert (scales.type, [int(d) for d in scales.shape]) == (schema.TensorType.FLOAT16, [64, 2])
+    assert len(model.buffers[table.buffer].data) == 64 * 64 // 2  # two int4 values per byte, once
+    assert_stored_as_planned(quantize.read_weights(encoded), plan, {"embed_tokens.weight", "proj.weight"})
+
+
+def test_8da4w_computes_the_plans_model_through_both_runtimes(tied_8da4w):
+    """Both runtimes quantize each input row to int8 as the eager reference does (no exact halves here,
+    see the rounding test below). The converter fused the ReLU into the first linear; TFLite's
+    blockwise kernel ignores fused activations, so the encoder moves it into a RELU of its own."""
+    module, plan, encoded = tied_8da4w
+    with dequantized(module, plan), torch.no_grad():
+        expected = module(TOKENS).numpy()
+    with replaced_weights(module, {name: w.dequantize() for name, w in plan.weights.items()}), torch.no_grad():
+        weight_only = module(TOKENS).numpy()
+    for runner in interpreters(encoded):
+        (got,) = runner(tokens=TOKENS.numpy()).values()
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+        assert np.abs(got - weight_only).max() > 1e-3 * np.abs(expected).max()  # the activations were quantized
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(encoded, 0)
+    ops = model.subgraphs[0].operators
+    codes = [model.operatorCodes[op.opcodeIndex].builtinCode for op in ops]
+    fc = codes.index(schema.BuiltinOperator.FULLY_CONNECTED)
+    assert ops[fc].builtinOptions.fusedActivationFunction == schema.ActivationFunctionType.NONE
+    assert codes[fc + 1] == schema.BuiltinOperator.RELU and ops[fc + 1].inputs[0] == ops[fc].outputs[0]
+
+
+def test_xnnpack_rounds_exact_halves_as_the_eager_reference_and_the_builtin_kernels_away_from_zero():
+    """What the gate's reference assumes about the runtimes, measured on one blockwise linear: each
+    token's values sit on exact halves of its int8 step. XNNPACK's qd8 conversion rounds them to even,
+    as quant/eager.py (torchao) does, and matches it to float precision; TFLite's builtin kernel
+    (BatchQuantizeFloats) rounds them away from zero and differs by whole steps."""
+    import litert_torch
+
+    torch.manual_seed(0)
+    linear = nn.Sequential(nn.Linear(256, 128, bias=False)).eval()
+    plan = make_plan(linear, resolve_scheme("8da4w"))
+    inputs = lower.weight_inputs(linear, plan)
+    x = (torch.randint(-128, 127, (1, 32, 256), generator=torch.Generator().manual_seed(1)).float() + 0.5) / 32
+    x[..., 0], x[..., 1] = -128 / 32, 127 / 32  # every token's range: [-128, 127] steps of 1/32, zero point 0
+    sample = {"tokens": x, **{key: dict(linear.named_parameters())[name].detach() for key, name in inputs.items()}}
+    converted = litert_torch.convert(WeightsAsInputs(linear, inputs).eval(), (), sample_kwargs=sample).model_content()
+    encoded = quantize.encode(bytes(converted), plan)
+    with dequantized(linear, plan), torch.no_grad():
+        expected = linear(x)
+    xnnpack, builtin = (torch.from_numpy(runner(tokens=x.numpy())["output_0"]) for runner in interpreters(encoded))
+    relative = [((got - expected).norm(dim=-1) / expected.norm(dim=-1)).squeeze(0) for got in (xnnpack, builtin)]
+    assert relative[0].max() < 1e-6
+    assert (relative[1] > 1e-3).all()
+
+
 def test_what_the_hybrid_kernels_cannot_take_is_refused_by_weight_name(small):
-    grouped = make_plan(small, resolve_scheme("8da4w"))
-    with pytest.raises(QwenMobileError, match=r"^proj.weight: 4-bit weights in groups of 32 columns with int8 dynamic "
-                                              "activations are not encoded"):
-        quantize.check_encodable(grouped)
     plan = make_plan(small, resolve_scheme("8da8w"))
     weight = plan.weights["proj.weight"]
     lowest = weight.qdata.clone()
@@ -198,9 +290,37 @@ def test_what_the_hybrid_kernels_cannot_take_is_refused_by_weight_name(small):
         (replace(weight, qdata=lowest), "^proj.weight: integer -128 with int8 dynamic activations"),
         (replace(weight, zero_point=torch.ones_like(weight.zero_point)), "^proj.weight: nonzero zero points"),
         (replace(weight, activations="int8_symmetric"), "^proj.weight: activation quantization 'int8_symmetric'"),
+        (replace(weight, scale=weight.scale.repeat(1, 2), zero_point=weight.zero_point.repeat(1, 2), group_size=32),
+         "^proj.weight: 8-bit weights in groups of 32 columns with int8 dynamic activations are not encoded"),
     ):
         with pytest.raises(QwenMobileError, match=message):
             quantize.check_encodable(replace(plan, weights={**plan.weights, "proj.weight": changed}))
+
+
+def test_what_the_blockwise_kernels_cannot_take_is_refused_by_weight_name(small):
+    """Each plan scale must be exact in fp16 (and normal there, where XNNPACK's kernel takes it), the
+    weights symmetric, the blocks a multiple of 32 columns: refused by name, never re-rounded."""
+    plan = make_plan(small, resolve_scheme("8da4w"))
+    quantize.check_encodable(plan)
+    weight = plan.weights["proj.weight"]  # [96, 64]: groups of 32
+    inexact, subnormal = weight.scale.clone(), weight.scale.clone()
+    inexact[3, 1] = 2.0**-20 * (1 + 2.0**-7)  # bf16-exact; below fp16's normal range its spacing is 2**-24
+    assert inexact[3, 1].item() == inexact[3, 1].to(torch.bfloat16).float().item()
+    subnormal[5, 0] = 2.0**-16  # exact in fp16, but subnormal there
+    for changed, message in (
+        (replace(weight, scale=inexact), r"^proj.weight: a scale is not exact in fp16 \(row 3, group 1"),
+        (replace(weight, scale=subnormal), r"^proj.weight: a scale is subnormal in fp16 \(row 5, group 0"),
+        (replace(weight, zero_point=torch.ones_like(weight.zero_point)), "^proj.weight: nonzero zero points in 4-bit"),
+        (replace(weight, scale=weight.scale.repeat_interleave(2, 1), zero_point=weight.zero_point.repeat_interleave(2, 1),
+                 group_size=16), "^proj.weight: 4-bit groups of 16 columns with int8 dynamic activations"),
+    ):
+        with pytest.raises(QwenMobileError, match=message):
+            quantize.check_encodable(replace(plan, weights={**plan.weights, "proj.weight": changed}))
+    # a weight-only int4 weight (a DEQUANTIZE's input, or the lookup's table) may have fp16-subnormal scales
+    weight_only = make_plan(small, resolve_scheme("int4"))
+    embedding = weight_only.weights["embed_tokens.weight"]
+    quantize.check_encodable(replace(weight_only, weights={
+        **weight_only.weights, "embed_tokens.weight": replace(embedding, scale=torch.full_like(embedding.scale, 2.0**-16))}))
 
 
 def test_a_dynamic_weight_that_no_fully_connected_takes_is_refused_by_name(small, tied, tied_8da8w):

@@ -10,6 +10,6 @@ BACKEND = BackendSpec(
     name="tflite",
     summary="TFLite/LiteRT .tflite (builtin ops only), prefill + decode signatures, verified through ai-edge-litert",
     artifact="model.tflite",
-    quant_schemes=("fp32", "int8", "int4", "8da8w"),
+    quant_schemes=("fp32", "int8", "int4", "8da8w", "8da4w"),
     implementation="qwen_mobile.backends.tflite.backend:TFLiteBackend",
 )

@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qwen_mobile.models.qwen3_5 import StateTensor
 from qwen_mobile.registry import Backend, ExportTarget, Lengths, Runner
 
 from . import lower, npu_report, runtime
+from .swaps import stored_shape
 
 NPU_REPORT = "npu_report.json"
 # runtime name -> XNNPACK on (LiteRT's default CPU path) or TFLite's own builtin kernels
@@ -44,26 +46,72 @@ class TFLiteBackend(Backend):
         report = npu_report.build(artifact)
         npu_report.require_builtin_only(report, artifact)
         (directory / NPU_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        feeds = lower.state_feeds(model.config, lengths.max_context)
         return {
             "methods": signatures(artifact),
-            "state_feeds": lower.state_feeds(model.config, lengths.max_context),
+            "state_feeds": feeds,
+            # inputs an app may bind as their own `_out` output too (the caches then never move)
+            "state_in_place": lower.in_place_state(flatbuffer, feeds),
             "export": {"convert_seconds": round(convert_seconds, 1), "artifact_bytes": len(flatbuffer)},
         }
 
+    def stored_state(self, tensor: StateTensor, plan) -> list[dict]:
+        (entry,) = super().stored_state(tensor, plan)
+        return [{**entry, "shape": list(stored_shape(tensor))}]
+
     def open(self, bundle: Path, manifest: dict, runtime_name: str | None = None) -> Runner:
-        """The bundle's model.tflite in one interpreter (XNNPACK unless runtime_name is builtin_kernels)."""
+        """The bundle's model.tflite in LiteRT's CompiledModel (XNNPACK unless runtime_name is builtin_kernels),
+        the caches in place where the manifest allows it."""
         model = runtime.TFLiteModel(
             Path(bundle) / manifest["artifact"], manifest["state_feeds"], manifest["max_context"],
-            xnnpack=RUNTIMES[runtime_name or self.runtimes[0]],
+            xnnpack=RUNTIMES[runtime_name or self.runtimes[0]], in_place=manifest.get("state_in_place", ()),
+            weight_cache=None if packs_small(manifest["quant"]) else runtime.IN_MEMORY,
         )
 
         def step(tokens: list[int], start: int) -> torch.Tensor:
-            return torch.from_numpy(model.step(tokens, start).copy())
+            return torch.from_numpy(model.step(tokens, start))
 
         return Runner(step, max_context=manifest["max_context"], max_chunk=manifest["max_seq_len"])
 
+    def missing_weights(self, bundle: Path, manifest: dict, plan) -> list[str]:
+        """The integer constants read back from model.tflite, against the plan. A tied lm_head is
+        the embedding's constant, so the embedding's check covers it."""
+        from . import quantize
+
+        try:
+            stored = quantize.read_weights((Path(bundle) / manifest["artifact"]).read_bytes())
+        except AssertionError as error:  # one weight in two buffers: not what the encoder writes
+            return [str(error).split(":")[0]]
+        missing = []
+        for name, weight in plan.weights.items():
+            entry = stored.get(name)
+            if entry is None:
+                owner = plan.weights.get("embed_tokens.weight")
+                if name != "embed_tokens.weight" and owner is not None and weight.qdata is owner.qdata:
+                    continue
+                missing.append(name)
+            elif not (entry["qdata"].size == weight.qdata.numel() and entry["scale"].size == weight.scale.numel()
+                      and np.array_equal(entry["qdata"].reshape(weight.qdata.shape), weight.qdata.numpy())
+                      and np.array_equal(entry["scale"].reshape(weight.scale.shape), weight.scale.float().numpy())
+                      and np.array_equal(entry["zero_point"].reshape(weight.zero_point.shape), weight.zero_point.numpy())):
+                missing.append(name)
+        return sorted(missing)
+
     def thread_counts(self) -> dict:
-        return {"litert": torch.get_num_threads()}  # runtime.TFLiteModel gives the interpreter torch's count
+        """What runtime.TFLiteModel runs with, as an app would set it."""
+        return {
+            "litert": runtime.thread_count(),  # CpuOptions.num_threads: one per core, as torch counts them
+            "litert_api": "CompiledModel, CPU accelerator (XNNPACK)",
+            "xnnpack_weight_cache": "shared by both signatures: a file for 8da8w/8da4w, in memory otherwise",
+            "state": "caches bound in place (state_in_place), other state in swapped buffers",
+        }
+
+
+def packs_small(quant: dict) -> bool:
+    """Whether XNNPACK's packed weights are about the artifact's size, so worth a file: the schemes
+    whose linears run on int8 activations (8da8w, 8da4w). fp32 and the weight-only schemes (which
+    it unpacks to float32) pack to several times a quantized file; their cache stays in memory."""
+    return bool(quant.get("activations"))
 
 
 @contextlib.contextmanager

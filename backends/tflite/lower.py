@@ -11,16 +11,20 @@ Shapes are static everywhere, which NPU compilers require:
 
 State (per linear-attention layer a conv state and an fp32 recurrent state, per
 full-attention layer a key and a value cache of max_context slots) is an explicit input
-and output of both signatures: the output `<name>_out` feeds the input `<name>` on the
-next call (see `state_feeds`). litert-torch 0.10's default converter drops buffer
-mutations (a mutated buffer becomes a constant), and its V2 converter, which keeps
-resource variables, needs a TensorFlow nightly, so state cannot live in the model yet.
+and output of both signatures, in the layouts of swaps.stored_shape: the output
+`<name>_out` feeds the input `<name>` on the next call (see `state_feeds`). Each cache is
+written only by a DYNAMIC_UPDATE_SLICE of the call's rows, and read by nothing else before
+that write (`in_place_state` checks it in the written file), so a runtime may bind one
+buffer as both a cache's input and its output: the cache then stays where it is. The other
+state is rewritten whole by every call and goes to a second buffer. litert-torch 0.10's
+default converter drops buffer mutations (a mutated buffer becomes a constant), and its V2
+converter, which keeps resource variables, needs a TensorFlow nightly, so state cannot
+live in the model itself.
 
-Everything lowers to TFLite builtin ops: the recurrent-state op through the core's
-decomposition (`qwen_mobile.ops.gated_delta_rule.decompositions`: one chunk of the
-matmul-only chunked form for prefill, the recurrent step for decode), KV writes as the
-core's one-hot arithmetic (no scatter, no dynamic slice), the last real token through
-GATHER. The one change to the core model is swaps.MODULE_SWAPS.
+Everything lowers to TFLite builtin ops: the recurrent-state op through swaps.decompositions
+(one chunk of the core's matmul-only chunked form for prefill, a one-read one-write step
+for decode), KV writes as DYNAMIC_UPDATE_SLICE, the last real token through GATHER. The
+changes to the core model are swaps.MODULE_SWAPS.
 """
 
 from __future__ import annotations
@@ -30,20 +34,19 @@ from torch import nn
 
 from qwen_mobile.config import Qwen35Config
 from qwen_mobile.models.qwen3_5 import Qwen35, state_from_tensors, state_tensors, state_to_tensors
-from qwen_mobile.ops.gated_delta_rule import decompositions
 from qwen_mobile.quant.plan import QuantPlan
 from qwen_mobile.swaps import swapped
 
 from . import quantize
-from .swaps import MODULE_SWAPS
+from .swaps import MODULE_SWAPS, decompositions, stored_shape
 
 PREFILL, DECODE = "prefill", "decode"
 OUTPUT_SUFFIX = "_out"
 
 
 def state_specs(config: Qwen35Config, max_context: int) -> list[tuple[str, torch.Tensor]]:
-    """(input name, zero tensor) for every state tensor, in signature order."""
-    return [(t.name, torch.zeros(t.shape, dtype=t.dtype)) for t in state_tensors(config, max_context)]
+    """(input name, zero tensor in its stored layout) for every state tensor, in signature order."""
+    return [(t.name, torch.zeros(stored_shape(t), dtype=t.dtype)) for t in state_tensors(config, max_context)]
 
 
 def state_feeds(config: Qwen35Config, max_context: int) -> dict[str, str]:
@@ -160,3 +163,38 @@ def convert(model: Qwen35, max_context: int, chunk: int, plan: QuantPlan | None 
         edge = converter.convert(strict_export=False)
     flatbuffer = bytes(edge.model_content())
     return quantize.encode(flatbuffer, plan) if weights else flatbuffer
+
+
+def in_place_state(flatbuffer: bytes, feeds: dict[str, str]) -> list[str]:
+    """The state inputs whose output a runtime may write into the input's own buffer, in every
+    signature: the output is a DYNAMIC_UPDATE_SLICE of the input, and every other op reading
+    the input is one that slice depends on (it runs before the slice overwrites anything)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
+    update_slice = schema.BuiltinOperator.DYNAMIC_UPDATE_SLICE
+    safe = set(feeds.values())
+    for signature in model.signatureDefs:
+        subgraph = model.subgraphs[signature.subgraphIndex]
+        inputs = {entry.name.decode(): entry.tensorIndex for entry in signature.inputs}
+        outputs = {entry.name.decode(): entry.tensorIndex for entry in signature.outputs}
+        producers = {int(t): op for op in subgraph.operators for t in op.outputs}
+        for output, name in feeds.items():
+            op = producers.get(outputs.get(output, -1))
+            code = None if op is None else model.operatorCodes[op.opcodeIndex]
+            if op is None or max(code.builtinCode, code.deprecatedBuiltinCode) != update_slice \
+                    or int(op.inputs[0]) != inputs.get(name):
+                safe.discard(name)
+                continue
+            ancestors, stack = set(), [int(t) for t in op.inputs[1:]]
+            while stack:  # every tensor the slice's update and start depend on
+                tensor = stack.pop()
+                producer = producers.get(tensor)
+                if tensor in ancestors or producer is None:
+                    continue
+                ancestors.add(tensor)
+                stack.extend(int(t) for t in producer.inputs if t >= 0)
+            readers = [other for other in subgraph.operators if other is not op and inputs[name] in other.inputs]
+            if not all(any(int(t) in ancestors for t in reader.outputs) for reader in readers):
+                safe.discard(name)
+    return [name for name in feeds.values() if name in safe]

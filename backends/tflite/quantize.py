@@ -3,34 +3,47 @@
 The model is converted with every planned weight as a signature input named
 `input_name(weight)` (lower.convert says why), so the converter never holds the weights.
 Each such input then becomes, in every signature that takes it, a constant of the plan's
-own integers and scales, and leaves the signature's inputs. What its consumers take
-depends on the plan's activations for the weight.
+own integers and scales, and leaves the signature's inputs. The constant's bytes are one
+buffer of the file, which every signature's tensor points at (a tied lm_head and the
+embedding share it too).
 
-Weight-only (float activations: int8, int4), every consumer takes the weight dequantized:
+How a weight is stored depends on its bits and groups (`stored_form`):
 
-- per-channel weights (int8): an int8 constant [rows, columns] quantized per channel on
-  axis 0 (the plan's scale and zero point per row) -> DEQUANTIZE -> the FULLY_CONNECTED or
-  EMBEDDING_LOOKUP that took the input;
-- grouped weights (int4, group_size columns per scale): a packed INT4 constant
-  [rows * groups, group_size] with scale 1 -> DEQUANTIZE -> MUL by the plan's scales
-  [rows * groups, 1] -> RESHAPE [rows, columns] -> the op. Per-channel parameters on the
-  reshaped tensor would express the groups too, but TFLite keeps quantization parameters
-  on each signature's tensor, so prefill and decode would each store a copy (the int4 file
-  came out larger than int8's); the scale constant is one buffer both signatures share.
+- `per_channel` (8 bits, one scale per row): an INT8 constant [rows, columns] quantized per
+  channel on axis 0, with the plan's float32 scale and zero point per row.
+- `blockwise` (4 bits, groups of `group_size` columns, one group per row included): a packed
+  INT4 constant [rows, columns] whose QuantizationParameters carry BlockwiseQuantization
+  details: a FLOAT16 constant [rows, groups] of the plan's scales, no zero points (symmetric),
+  block size = group_size. That is what ai-edge-quantizer's dynamic_wi4b32_afp32 recipe
+  writes, and what LiteRT's XNNPACK delegate defines as a qbint4 tensor with fp16 scales
+  (packed once, then run by its qd8 x qb4w GEMMs) and TFLite's builtin kernels read as they are.
+  The plan's scales are bf16-exact (quant.plan.bf16_ceil); each must also be exact in fp16,
+  and normal there where XNNPACK's kernel takes it (`check_encodable` refuses by weight name).
+- `grouped` (8 bits in groups): an INT8 constant [rows * groups, group_size] with scale 1.
 
-With int8 dynamic per-token activations (8da8w), the per-channel int8 constant is the
-FULLY_CONNECTED's filter itself, with no DEQUANTIZE, and the op's options set
-asymmetricQuantizeInputs: TFLite's hybrid FULLY_CONNECTED, which quantizes each input row
-to int8 with its own scale and zero point (what quant/eager.py models) and accumulates in
-int32. Weight-only, LiteRT's XNNPACK delegate unpacks every DEQUANTIZE'd weight to float32
-and repacks it per signature (at the Qwen3.5-0.8B shape the int8 bundle held 14.7 GiB at
-run time and decoded at float speed); the hybrid FULLY_CONNECTED it runs as its
-qd8-f32-qc8w kernel from the int8 filter. A tied lm_head shares the embedding's integers:
-its FULLY_CONNECTED takes the int8 constant and the embedding lookup a DEQUANTIZE of the
-same constant. Any other consumer of a dynamically quantized weight is refused.
+Its consumers take it as follows:
 
-Builtin ops only. The integers in the file are the plan's: `read_weights` and
-`fully_connected_filters` read them and their consumers back for the tests.
+- a FULLY_CONNECTED taking it as its filter, for a weight with int8 dynamic per-token
+  activations (8da8w, 8da4w): directly, no DEQUANTIZE. `per_channel`: TFLite's hybrid
+  FULLY_CONNECTED (version 12, asymmetricQuantizeInputs), XNNPACK's qd8-f32-qc8w kernel.
+  `blockwise`: the blockwise FULLY_CONNECTED, XNNPACK's qd8-f32-qb4w kernel (qdu8 on x86 with
+  VNNI), TFLite's EvalBlockwise4Bit. Both quantize each input row to int8 with its own scale
+  and zero point, as quant/eager.py does.
+- an EMBEDDING_LOOKUP taking it as its table (`per_channel` or `blockwise`): directly
+  (version 4, the hybrid lookup): the kernel gathers the quantized rows and scales only
+  those, so no float copy of the table exists at run time. XNNPACK does not take the lookup;
+  TFLite's kernel runs it in both runtimes.
+- any other consumer (weight-only linears: int8, int4): the weight dequantized, as float32.
+  `per_channel`: DEQUANTIZE. `blockwise` and `grouped`: an alias of the integers' buffer
+  [rows * groups, group_size] with scale 1 -> DEQUANTIZE -> MUL by the scales (an alias of
+  the scales' buffer [rows * groups, 1], DEQUANTIZE'd from fp16) -> RESHAPE [rows, columns].
+  LiteRT's XNNPACK delegate unpacks such weights to float32 when it prepares the model (at
+  the Qwen3.5-0.8B shape the int8 bundle held 14.6 GiB at run time and decoded at float
+  speed): weight-only schemes are size-only on LiteRT's CPU path.
+
+Any other consumer of a weight with dynamic activations is refused. Builtin ops only.
+`read_weights`, `fully_connected_filters` and `embedding_lookups` read the integers, scales
+and consumers back from the file for the tests.
 
 Full-integer static quantization (int8/int16 activations from calibration data, what NPU
 targets want) is a later plan property: `activation_ranges` below is the hook, refused
@@ -40,6 +53,7 @@ until the calibration work produces it.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.quant.eager import INT8_ASYMMETRIC_PER_TOKEN
@@ -49,6 +63,16 @@ TFLITE_FILE_IDENTIFIER = b"TFL3"
 # The version TFLite's op_version.cc gives a FULLY_CONNECTED with a float input, a per-channel
 # int8 filter and a float output; a runtime without that kernel then refuses the model.
 HYBRID_FULLY_CONNECTED_VERSION = 12
+# op_version.cc: an EMBEDDING_LOOKUP of an INT4 or per-channel quantized table
+QUANTIZED_LOOKUP_VERSION = 4
+# XNNPACK's blockwise GEMMs take blocks of a multiple of 32 columns (xnnpack_delegate.cc);
+# TFLite's blockwise FULLY_CONNECTED runs only where its 4-bit kernel applies: at least 4
+# output rows and 32 input columns (kernels/fully_connected.cc, optimized_4bit FilterWidth/Depth)
+XNNPACK_BLOCK_MULTIPLE = 32
+BUILTIN_BLOCKWISE_MIN_ROWS, BUILTIN_BLOCKWISE_MIN_COLUMNS = 4, 32
+FP16_SMALLEST_NORMAL = 2.0**-14
+
+PER_CHANNEL, BLOCKWISE, GROUPED = "per_channel", "blockwise", "grouped"
 
 
 def schema():
@@ -57,10 +81,38 @@ def schema():
     return schema_py_generated
 
 
+def stored_form(weight: QuantizedWeight) -> str:
+    """How the file stores a planned weight (see the module doc)."""
+    if weight.bits == 4:
+        return BLOCKWISE
+    return PER_CHANNEL if weight.group_size == weight.qdata.shape[1] else GROUPED
+
+
+def _first_scale(weight: QuantizedWeight, bad: torch.Tensor) -> str:
+    row, group = (int(i) for i in bad.nonzero()[0])
+    return f"row {row}, group {group}: {float(weight.scale[row, group]):.9g}"
+
+
 def check_encodable(plan: QuantPlan) -> None:
+    """Refuse, by weight name, what the file cannot hold as the plan has it."""
     for name, weight in plan.weights.items():
         if weight.bits not in (4, 8):
             raise QwenMobileError(f"{name}: {weight.bits}-bit weights are not encoded by the tflite backend")
+        form = stored_form(weight)
+        rows, columns = weight.qdata.shape
+        if form != PER_CHANNEL:
+            scale = weight.scale.float()
+            inexact = scale.half().float() != scale
+            if bool(inexact.any()):
+                raise QwenMobileError(
+                    f"{name}: a scale is not exact in fp16 ({_first_scale(weight, inexact)}); the tflite backend stores "
+                    "grouped scales in fp16 and never re-rounds a plan"
+                )
+            if form == BLOCKWISE and bool(weight.zero_point.any()):
+                raise QwenMobileError(
+                    f"{name}: nonzero zero points in 4-bit weights are not encoded by the tflite backend (blockwise INT4 "
+                    "is symmetric)"
+                )
         if weight.activations is None:
             continue
         if weight.activations != INT8_ASYMMETRIC_PER_TOKEN:
@@ -68,21 +120,40 @@ def check_encodable(plan: QuantPlan) -> None:
                 f"{name}: activation quantization {weight.activations!r} is not encoded by the tflite backend "
                 f"(weight-only and {INT8_ASYMMETRIC_PER_TOKEN} are)"
             )
-        if weight.bits != 8 or weight.group_size != weight.qdata.shape[1]:
+        if form == GROUPED:
             raise QwenMobileError(
-                f"{name}: {weight.bits}-bit weights in groups of {weight.group_size} columns with int8 dynamic "
-                "activations are not encoded by the tflite backend (its hybrid FULLY_CONNECTED takes int8 weights, "
-                "one scale per row)"
+                f"{name}: 8-bit weights in groups of {weight.group_size} columns with int8 dynamic activations are not "
+                "encoded by the tflite backend (its hybrid FULLY_CONNECTED takes int8 weights with one scale per row)"
             )
-        if bool(weight.zero_point.any()):
+        if form == PER_CHANNEL:
+            if bool(weight.zero_point.any()):
+                raise QwenMobileError(
+                    f"{name}: nonzero zero points with int8 dynamic activations are not encoded by the tflite backend "
+                    "(its hybrid FULLY_CONNECTED takes symmetric weights)"
+                )
+            if int(weight.qdata.min()) < -127:
+                raise QwenMobileError(
+                    f"{name}: integer -128 with int8 dynamic activations is not encoded by the tflite backend (its "
+                    "hybrid FULLY_CONNECTED takes weights in [-127, 127]; see quant.plan.round_to_nearest)"
+                )
+            continue
+        # blockwise with dynamic activations: what XNNPACK's qd8 x qb4w kernel and TFLite's blockwise kernel take
+        if weight.group_size % XNNPACK_BLOCK_MULTIPLE:
             raise QwenMobileError(
-                f"{name}: nonzero zero points with int8 dynamic activations are not encoded by the tflite backend "
-                "(its hybrid FULLY_CONNECTED takes symmetric weights)"
+                f"{name}: 4-bit groups of {weight.group_size} columns with int8 dynamic activations are not encoded by "
+                f"the tflite backend (XNNPACK's blockwise kernel takes blocks of a multiple of {XNNPACK_BLOCK_MULTIPLE})"
             )
-        if int(weight.qdata.min()) < -127:
+        if rows < BUILTIN_BLOCKWISE_MIN_ROWS or columns < BUILTIN_BLOCKWISE_MIN_COLUMNS:
             raise QwenMobileError(
-                f"{name}: integer -128 with int8 dynamic activations is not encoded by the tflite backend (its hybrid "
-                "FULLY_CONNECTED takes weights in [-127, 127]; see quant.plan.round_to_nearest)"
+                f"{name}: a [{rows}, {columns}] 4-bit weight with int8 dynamic activations is not encoded by the tflite "
+                f"backend (TFLite's blockwise kernel needs at least {BUILTIN_BLOCKWISE_MIN_ROWS} rows and "
+                f"{BUILTIN_BLOCKWISE_MIN_COLUMNS} columns)"
+            )
+        subnormal = weight.scale.float() < FP16_SMALLEST_NORMAL
+        if bool(subnormal.any()):
+            raise QwenMobileError(
+                f"{name}: a scale is subnormal in fp16 ({_first_scale(weight, subnormal)}); XNNPACK's blockwise kernel "
+                "takes normal fp16 scales only and would leave this linear to a slow fallback"
             )
 
 
@@ -114,11 +185,14 @@ def _op_names() -> dict[int, str]:
     return {value: name for name, value in vars(schema().BuiltinOperator).items() if not name.startswith("_")}
 
 
-def _takes_as_filter(model, op, tensor: int) -> bool:
-    """Whether `op` is a FULLY_CONNECTED whose filter, and only that, is `tensor`."""
+def _type_names() -> dict[int, str]:
+    return {value: name for name, value in vars(schema().TensorType).items() if not name.startswith("_")}
+
+
+def _takes_at(model, op, tensor: int, builtin: int, position: int) -> bool:
+    """Whether `op` is a `builtin` op taking `tensor` at input `position`, and only there."""
     inputs = [int(i) for i in op.inputs]
-    fully_connected = _builtin(model, op) == schema().BuiltinOperator.FULLY_CONNECTED
-    return fully_connected and inputs[1] == tensor and inputs.count(tensor) == 1
+    return _builtin(model, op) == builtin and len(inputs) > position and inputs[position] == tensor and inputs.count(tensor) == 1
 
 
 def _add_buffer(model, data: bytes) -> int:
@@ -140,11 +214,20 @@ def _tensor(subgraph, name: str, shape, tensor_type: int, buffer: int, quantizat
     return len(subgraph.tensors) - 1
 
 
-def _quantization(weight: QuantizedWeight):
+def _per_channel_quantization(weight: QuantizedWeight):
     params = schema().QuantizationParametersT()
     params.scale = weight.scale.reshape(-1).numpy().astype(np.float32)
     params.zeroPoint = weight.zero_point.reshape(-1).numpy().astype(np.int64)
     params.quantizedDimension = 0
+    return params
+
+
+def _blockwise_quantization(scales_tensor: int, block_size: int):
+    s = schema()
+    details = s.BlockwiseQuantizationT()
+    details.scales, details.zeroPoints, details.blockSize = scales_tensor, -1, block_size
+    params = s.QuantizationParametersT()
+    params.detailsType, params.details = s.QuantizationDetails.BlockwiseQuantization, details
     return params
 
 
@@ -156,9 +239,104 @@ def _unit_quantization():
     return params
 
 
+def _operator(opcode: int, inputs: list[int], outputs: list[int], options_type=None, options=None):
+    op = schema().OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = opcode, np.array(inputs, np.int32), np.array(outputs, np.int32)
+    if options_type is not None:
+        op.builtinOptionsType, op.builtinOptions = options_type, options
+    return op
+
+
+def _unfuse_activation(model, subgraph, op) -> None:
+    """Move a FULLY_CONNECTED's fused activation into an op of its own after it. TFLite's blockwise
+    kernel (EvalBlockwise4Bit) ignores fused activations; XNNPACK applies them, so the two
+    runtimes would disagree (a fused RELU measured 0.77 apart, relative, on a two-linear model)."""
+    s = schema()
+    activation = op.builtinOptions.fusedActivationFunction
+    if activation == s.ActivationFunctionType.NONE:
+        return
+    separate = {
+        s.ActivationFunctionType.RELU: s.BuiltinOperator.RELU,
+        s.ActivationFunctionType.RELU6: s.BuiltinOperator.RELU6,
+        s.ActivationFunctionType.RELU_N1_TO_1: s.BuiltinOperator.RELU_N1_TO_1,
+        s.ActivationFunctionType.TANH: s.BuiltinOperator.TANH,
+    }
+    if activation not in separate:
+        raise QwenMobileError(f"a blockwise FULLY_CONNECTED with fused activation {activation} is not encoded by the "
+                              "tflite backend")
+    output = int(op.outputs[0])
+    before = subgraph.tensors[output]
+    raw = _tensor(subgraph, before.name.decode() + ".before_activation", [int(d) for d in before.shape], before.type, 0)
+    op.outputs = np.array([raw], np.int32)
+    op.builtinOptions.fusedActivationFunction = s.ActivationFunctionType.NONE
+    operators = list(subgraph.operators)
+    operators.insert(operators.index(op) + 1, _operator(_opcode_index(model, separate[activation], 1), [raw], [output]))
+    subgraph.operators = operators
+
+
 def input_name(weight: str) -> str:
     """The signature input a planned weight is converted as (lower.convert): an identifier, as torch.export needs."""
     return "weight__" + weight.replace(".", "__")
+
+
+class _Stored:
+    """One planned weight's buffers in the file (integers, and fp16 scales where grouped)."""
+
+    def __init__(self, model, weight: QuantizedWeight):
+        s = schema()
+        self.weight, self.form = weight, stored_form(weight)
+        self.rows, self.columns = weight.qdata.shape
+        self.groups = self.columns // weight.group_size
+        self.qtype = s.TensorType.INT4 if weight.bits == 4 else s.TensorType.INT8
+        qdata = weight.qdata.numpy().astype(np.int8)
+        self.qbuffer = _add_buffer(model, pack_int4(qdata) if weight.bits == 4 else qdata.tobytes())
+        self.scale_buffer = self.shape_buffer = None
+        if self.form != PER_CHANNEL:
+            self.scale_buffer = _add_buffer(model, weight.scale.numpy().astype(np.float16).tobytes())
+            self.shape_buffer = _add_buffer(model, np.array([self.rows, self.columns], np.int32).tobytes())
+
+    def primary(self, subgraph, name: str):
+        """The tensor the direct consumers take, in place of the converted input (and what
+        `read_weights` finds as `<name>.qdata`); a grouped weight's fp16 scales are added beside it."""
+        s = schema()
+        if self.form == PER_CHANNEL:
+            return _new_tensor(f"{name}.qdata", [self.rows, self.columns], self.qtype, self.qbuffer,
+                               _per_channel_quantization(self.weight))
+        scales = _tensor(subgraph, f"{name}.scale", [self.rows, self.groups], s.TensorType.FLOAT16, self.scale_buffer)
+        if self.form == BLOCKWISE:
+            return _new_tensor(f"{name}.qdata", [self.rows, self.columns], self.qtype, self.qbuffer,
+                               _blockwise_quantization(scales, self.weight.group_size))
+        return _new_tensor(f"{name}.qdata", [self.rows * self.groups, self.weight.group_size], self.qtype,
+                           self.qbuffer, _unit_quantization())
+
+    def dequantized(self, model, subgraph, name: str, primary: int) -> tuple[int, list]:
+        """A float32 [rows, columns] tensor of the weight and the ops computing it (see the module doc)."""
+        s = schema()
+        float32 = s.TensorType.FLOAT32
+        # op_version.cc: INT4 6, per-channel INT8 5, INT8 2, FLOAT16 3
+        version = 6 if self.weight.bits == 4 else 5 if self.form == PER_CHANNEL else 2
+        dequantize = _opcode_index(model, s.BuiltinOperator.DEQUANTIZE, version)
+        output = _tensor(subgraph, name, [self.rows, self.columns], float32, 0)
+        if self.form == PER_CHANNEL:
+            return output, [_operator(dequantize, [primary], [output])]
+        stored = [self.rows * self.groups, self.weight.group_size]
+        ints = primary
+        if self.form == BLOCKWISE:  # the same bytes, seen as unit-scale rows of one group each
+            ints = _tensor(subgraph, f"{name}.ints", stored, self.qtype, self.qbuffer, _unit_quantization())
+        column = _tensor(subgraph, f"{name}.scale_column", [self.rows * self.groups, 1], s.TensorType.FLOAT16,
+                         self.scale_buffer)
+        scales = _tensor(subgraph, f"{name}.scale_f32", [self.rows * self.groups, 1], float32, 0)
+        floats = _tensor(subgraph, f"{name}.ints_f32", stored, float32, 0)
+        flat = _tensor(subgraph, f"{name}.dequantized", stored, float32, 0)
+        shape = _tensor(subgraph, f"{name}.shape", [2], s.TensorType.INT32, self.shape_buffer)
+        fp16_dequantize = _opcode_index(model, s.BuiltinOperator.DEQUANTIZE, 3)
+        return output, [
+            _operator(dequantize, [ints], [floats]),
+            _operator(fp16_dequantize, [column], [scales]),
+            _operator(_opcode_index(model, s.BuiltinOperator.MUL, 1), [floats, scales], [flat],
+                      s.BuiltinOptions.MulOptions, s.MulOptionsT()),
+            _operator(_opcode_index(model, s.BuiltinOperator.RESHAPE, 1), [flat, shape], [output]),
+        ]
 
 
 def encode(flatbuffer: bytes, plan: QuantPlan) -> bytes:
@@ -171,10 +349,7 @@ def encode(flatbuffer: bytes, plan: QuantPlan) -> bytes:
     s = schema()
     model = s.ModelT.InitFromPackedBuf(flatbuffer, 0)
     op_names = _op_names()
-    dequantize_op = _opcode_index(model, s.BuiltinOperator.DEQUANTIZE, 4)
-    reshape_op = _opcode_index(model, s.BuiltinOperator.RESHAPE, 1)
-    mul_op = _opcode_index(model, s.BuiltinOperator.MUL, 1)
-    fully_connected = s.BuiltinOperator.FULLY_CONNECTED
+    fully_connected, lookup = s.BuiltinOperator.FULLY_CONNECTED, s.BuiltinOperator.EMBEDDING_LOOKUP
 
     # a tied lm_head shares the embedding's integers: one input, one constant
     by_integers: dict[int, list[str]] = {}
@@ -183,21 +358,10 @@ def encode(flatbuffer: bytes, plan: QuantPlan) -> bytes:
     for names in by_integers.values():
         weight = plan.weights[names[0]]
         dynamic = [name for name in names if plan.weights[name].activations]
-        # the embedding's use of a tied lm_head's integers keeps float activations: its lookup takes them dequantized
+        # the embedding's use of a tied lm_head's integers keeps float activations
         some_weight_only = len(dynamic) < len(names)
         keys = {input_name(name): name for name in names}
-        rows, columns = weight.qdata.shape
-        groups = columns // weight.group_size
-        stored_shape = [rows * groups, weight.group_size]
-        qdata = weight.qdata.reshape(stored_shape).numpy().astype(np.int8)
-        qtype = s.TensorType.INT4 if weight.bits == 4 else s.TensorType.INT8
-        qbuffer = _add_buffer(model, pack_int4(qdata) if weight.bits == 4 else qdata.tobytes())
-        shape_buffer = scale_buffer = None
-        if groups > 1:
-            if bool(weight.zero_point.any()):
-                raise QwenMobileError(f"{names[0]}: grouped weights with nonzero zero points are not encoded by the tflite backend")
-            shape_buffer = _add_buffer(model, np.array([rows, columns], np.int32).tobytes())
-            scale_buffer = _add_buffer(model, weight.scale.reshape(-1, 1).numpy().astype(np.float32).tobytes())
+        stored = _Stored(model, weight)
         found = False
         for signature in model.signatureDefs:
             subgraph = model.subgraphs[signature.subgraphIndex]
@@ -206,61 +370,42 @@ def encode(flatbuffer: bytes, plan: QuantPlan) -> bytes:
                 found = True
                 name, user = keys[entry.name.decode()], entry.tensorIndex
                 target = subgraph.tensors[user]
-                if [int(d) for d in target.shape] != [rows, columns]:
+                if [int(d) for d in target.shape] != [stored.rows, stored.columns]:
                     raise QwenMobileError(
-                        f"{name}: the converted input is {[int(d) for d in target.shape]}, the plan's weight {[rows, columns]}"
+                        f"{name}: the converted input is {[int(d) for d in target.shape]}, the plan's weight "
+                        f"{[stored.rows, stored.columns]}"
                     )
                 consumers = [op for op in subgraph.operators if user in op.inputs]
-                filters = [op for op in consumers if dynamic and _takes_as_filter(model, op, user)]
-                floats = [op for op in consumers if op not in filters]  # operators compare by identity
+                filters = [op for op in consumers if dynamic and _takes_at(model, op, user, fully_connected, 1)]
+                lookups = [op for op in consumers if op not in filters and stored.form != GROUPED
+                           and _takes_at(model, op, user, lookup, 1)]
+                floats = [op for op in consumers if op not in filters and op not in lookups]  # ops compare by identity
                 where = f"in the {signature.signatureKey.decode()} signature"
                 if dynamic and not filters:
                     raise QwenMobileError(
                         f"{dynamic[0]}: no FULLY_CONNECTED takes it as its filter {where}; the tflite backend "
                         "quantizes activations dynamically only there"
                     )
-                if dynamic and floats and not some_weight_only:
+                if dynamic and (lookups or floats) and not some_weight_only:
                     raise QwenMobileError(
-                        f"{dynamic[0]}: {op_names[_builtin(model, floats[0])]} takes it {where}; the tflite backend "
-                        "quantizes activations dynamically only in FULLY_CONNECTED"
+                        f"{dynamic[0]}: {op_names[_builtin(model, (lookups + floats)[0])]} takes it {where}; the tflite "
+                        "backend quantizes activations dynamically only in FULLY_CONNECTED"
                     )
 
-                # the input itself becomes the constant of the plan's integers
-                params = _quantization(weight) if groups == 1 else _unit_quantization()
-                subgraph.tensors[user] = _new_tensor(f"{name}.qdata", stored_shape, qtype, qbuffer, params)
+                # the input itself becomes the constant of the plan's integers, which the direct consumers take
+                subgraph.tensors[user] = stored.primary(subgraph, name)
                 for op in filters:
-                    op.opcodeIndex = _opcode_index(model, fully_connected, HYBRID_FULLY_CONNECTED_VERSION)
                     op.builtinOptions.asymmetricQuantizeInputs = True
+                    if stored.form == PER_CHANNEL:
+                        op.opcodeIndex = _opcode_index(model, fully_connected, HYBRID_FULLY_CONNECTED_VERSION)
+                    else:
+                        _unfuse_activation(model, subgraph, op)
+                for op in lookups:
+                    op.opcodeIndex = _opcode_index(model, lookup, QUANTIZED_LOOKUP_VERSION)
                 if floats:
-                    dequantized = _tensor(subgraph, name, [rows, columns], s.TensorType.FLOAT32, 0)
+                    dequantized, new_ops = stored.dequantized(model, subgraph, name, user)
                     for op in floats:
                         op.inputs = np.array([dequantized if i == user else i for i in op.inputs], np.int32)
-                    dequantize = s.OperatorT()
-                    dequantize.opcodeIndex, dequantize.inputs = dequantize_op, np.array([user], np.int32)
-                    if groups == 1:
-                        dequantize.outputs = np.array([dequantized], np.int32)
-                        new_ops = [dequantize]
-                    else:
-                        # grouped: scales as one float constant shared by both signatures (per-channel parameters
-                        # live on each signature's tensor and would be stored twice), applied by MUL
-                        ints = _tensor(subgraph, f"{name}.ints", stored_shape, s.TensorType.FLOAT32, 0)
-                        scales = _tensor(
-                            subgraph, f"{name}.scale", [rows * groups, 1], s.TensorType.FLOAT32, scale_buffer
-                        )
-                        flat = _tensor(subgraph, f"{name}.dequantized", stored_shape, s.TensorType.FLOAT32, 0)
-                        shape = _tensor(subgraph, f"{name}.shape", [2], s.TensorType.INT32, shape_buffer)
-                        dequantize.outputs = np.array([ints], np.int32)
-                        multiply = s.OperatorT()
-                        multiply.opcodeIndex = mul_op
-                        multiply.inputs = np.array([ints, scales], np.int32)
-                        multiply.outputs = np.array([flat], np.int32)
-                        multiply.builtinOptionsType = s.BuiltinOptions.MulOptions
-                        multiply.builtinOptions = s.MulOptionsT()
-                        reshape = s.OperatorT()
-                        reshape.opcodeIndex = reshape_op
-                        reshape.inputs = np.array([flat, shape], np.int32)
-                        reshape.outputs = np.array([dequantized], np.int32)
-                        new_ops = [dequantize, multiply, reshape]
                     subgraph.operators = new_ops + list(subgraph.operators)
                 subgraph.inputs = np.array([i for i in subgraph.inputs if i != user], np.int32)
             signature.inputs = [entry for entry in signature.inputs if entry.name.decode() not in keys]
@@ -287,55 +432,96 @@ def unpack_int4(data: bytes, count: int) -> np.ndarray:
     return np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.int8)
 
 
+def _buffer_bytes(model, index: int) -> bytes:
+    data = model.buffers[index].data
+    return b"" if data is None else bytes(data)
+
+
 def read_weights(flatbuffer: bytes) -> dict[str, dict]:
-    """The integer constants this module wrote, by plan weight name:
-    {bits, qdata int8 [rows*groups, group] (int4 unpacked), scale, zero_point}."""
+    """The integer constants this module wrote, by plan weight name, as the file stores them:
+    {form, bits, qdata int8 in the stored shape (int4 unpacked), scale float32 [rows, groups]
+    or [rows], zero_point, group_size, buffer (the integers' buffer index)}."""
     s = schema()
     model = s.ModelT.InitFromPackedBuf(flatbuffer, 0)
     weights = {}
     for subgraph in model.subgraphs:
         for tensor in subgraph.tensors:
             name = tensor.name.decode()
-            if tensor.type in (s.TensorType.INT8, s.TensorType.INT4) and name.endswith(".qdata") and name[:-6] not in weights:
-                shape = [int(d) for d in tensor.shape]
-                raw = bytes(model.buffers[tensor.buffer].data)
-                data = unpack_int4(raw, int(np.prod(shape))) if tensor.type == s.TensorType.INT4 else np.frombuffer(raw, np.int8)
-                weights[name[:-6]] = {
-                    "bits": 4 if tensor.type == s.TensorType.INT4 else 8,
-                    "qdata": data.reshape(shape),
-                    "scale": np.asarray(tensor.quantization.scale, np.float32),
-                    "zero_point": np.asarray(tensor.quantization.zeroPoint, np.int64),
-                }
-        for tensor in subgraph.tensors:  # grouped weights: scales in a shared float constant
-            name = tensor.name.decode()
-            if name.endswith(".scale") and name[:-6] in weights and tensor.buffer:
-                weights[name[:-6]]["scale"] = np.frombuffer(bytes(model.buffers[tensor.buffer].data), np.float32)
-                weights[name[:-6]]["zero_point"] = np.zeros_like(weights[name[:-6]]["zero_point"], shape=weights[name[:-6]]["scale"].shape)
+            if tensor.type not in (s.TensorType.INT8, s.TensorType.INT4) or not name.endswith(".qdata"):
+                continue
+            name = name.removesuffix(".qdata")
+            shape = [int(d) for d in tensor.shape]
+            raw = _buffer_bytes(model, tensor.buffer)
+            count = int(np.prod(shape))
+            bits = 4 if tensor.type == s.TensorType.INT4 else 8
+            data = unpack_int4(raw, count) if bits == 4 else np.frombuffer(raw, np.int8)[:count]
+            q = tensor.quantization
+            if q is not None and q.detailsType == s.QuantizationDetails.BlockwiseQuantization:
+                scales = subgraph.tensors[q.details.scales]
+                scale = np.frombuffer(_buffer_bytes(model, scales.buffer), np.float16).astype(np.float32)
+                entry = {"form": BLOCKWISE, "scale": scale.reshape([int(d) for d in scales.shape]),
+                         "zero_point": np.zeros([int(d) for d in scales.shape], np.int64),
+                         "group_size": int(q.details.blockSize), "zero_points_tensor": int(q.details.zeroPoints)}
+            elif q is not None and q.scale is not None and len(q.scale) == shape[0] and shape[0] > 1:
+                entry = {"form": PER_CHANNEL, "scale": np.asarray(q.scale, np.float32),
+                         "zero_point": np.asarray(q.zeroPoint, np.int64), "group_size": shape[1]}
+            else:  # grouped: unit scale here, the plan's scales in the `.scale` constant
+                scales = next(t for t in subgraph.tensors if t.name.decode() == f"{name}.scale")
+                scale = np.frombuffer(_buffer_bytes(model, scales.buffer), np.float16).astype(np.float32)
+                entry = {"form": GROUPED, "scale": scale.reshape([int(d) for d in scales.shape]),
+                         "zero_point": np.zeros([int(d) for d in scales.shape], np.int64), "group_size": shape[1]}
+            entry.update(bits=bits, qdata=data.reshape(shape), buffer=int(tensor.buffer))
+            if name in weights and weights[name]["buffer"] != entry["buffer"]:
+                raise AssertionError(f"{name}: the signatures store its integers in different buffers")
+            weights[name] = entry
     return weights
+
+
+def _producers(subgraph) -> dict[int, object]:
+    return {int(output): op for op in subgraph.operators for output in op.outputs}
 
 
 def fully_connected_filters(flatbuffer: bytes) -> list[dict]:
     """Every FULLY_CONNECTED's filter as written, for the tests: {signature, filter (the tensor's
-    name), type, produced_by (the op computing it; None for a constant), asymmetric_quantize_inputs,
-    version}."""
+    name), type, quantization ('blockwise', 'per_channel', 'per_tensor' or None), produced_by
+    (the op computing it; None for a constant), asymmetric_quantize_inputs, version}."""
+    return _consumers(flatbuffer, schema().BuiltinOperator.FULLY_CONNECTED, "filter")
+
+
+def embedding_lookups(flatbuffer: bytes) -> list[dict]:
+    """Every EMBEDDING_LOOKUP's table as written, for the tests (fields as fully_connected_filters')."""
+    return _consumers(flatbuffer, schema().BuiltinOperator.EMBEDDING_LOOKUP, "table")
+
+
+def _consumers(flatbuffer: bytes, builtin: int, role: str) -> list[dict]:
     s = schema()
     model = s.ModelT.InitFromPackedBuf(flatbuffer, 0)
-    op_names = _op_names()
-    type_names = {value: name for name, value in vars(s.TensorType).items() if not name.startswith("_")}
+    op_names, type_names = _op_names(), _type_names()
     signatures = {signature.subgraphIndex: signature.signatureKey.decode() for signature in model.signatureDefs}
-    filters = []
+    found = []
     for index, subgraph in enumerate(model.subgraphs):
-        producers = {int(output): op for op in subgraph.operators for output in op.outputs}
+        producers = _producers(subgraph)
         for op in subgraph.operators:
-            if _builtin(model, op) != s.BuiltinOperator.FULLY_CONNECTED:
+            if _builtin(model, op) != builtin:
                 continue
             tensor, producer = subgraph.tensors[op.inputs[1]], producers.get(int(op.inputs[1]))
-            filters.append({
-                "signature": signatures[index],
-                "filter": tensor.name.decode(),
+            q = tensor.quantization
+            if q is not None and q.detailsType == s.QuantizationDetails.BlockwiseQuantization:
+                kind = BLOCKWISE
+            elif q is not None and q.scale is not None and len(q.scale) > 1:
+                kind = PER_CHANNEL
+            elif q is not None and q.scale is not None and len(q.scale) == 1:
+                kind = "per_tensor"
+            else:
+                kind = None
+            options = op.builtinOptions
+            found.append({
+                "signature": signatures.get(index, subgraph.name.decode() if subgraph.name else str(index)),
+                role: tensor.name.decode(),
                 "type": type_names[tensor.type],
+                "quantization": kind,
                 "produced_by": None if producer is None else op_names[_builtin(model, producer)],
-                "asymmetric_quantize_inputs": bool(op.builtinOptions.asymmetricQuantizeInputs),
+                "asymmetric_quantize_inputs": bool(getattr(options, "asymmetricQuantizeInputs", False)),
                 "version": model.operatorCodes[op.opcodeIndex].version,
             })
-    return filters
+    return found
