@@ -302,7 +302,8 @@ def measure(path: Path, log: Path, runs: int = 1) -> dict:
     text = Path(log).read_text(errors="replace")
     if outcome["returncode"]:
         return {"error": last_error(log)}
-    return json.loads(text[text.index("{\n"):])
+    # the JSON object alone: LiteRT writes log lines to stderr (the same log) as the child exits
+    return json.JSONDecoder().raw_decode(text[text.index("{\n"):])[0]
 
 
 def measure_rounds(artifacts: dict[str, Path], work: Path, rounds: int) -> tuple[dict, dict]:

@@ -21,7 +21,7 @@ fed identically, by the gate the plan calls for (`gate_for`):
   quantized activation moved by a few ulps, FLOOR_SAMPLES times), and the bars widen to
   FLOOR_FACTOR times the worst it saw, never narrower than the fixed bars. What the floor
   hides (a scale off by a few percent, two int4 values swapped) the weight check sees: a
-  backend that can read its artifact's weights back (Backend.stored_weights) has every
+  backend that can read its artifact's weights back (Backend.missing_weights) has every
   planned integer and scale compared with the plan, exactly;
 - reduced-precision compute (fp16) against the float model: top-1 agreement >= 99%.
 """
