@@ -399,7 +399,7 @@ def package(
 @app.command()
 def report(
     targets: Optional[list[str]] = typer.Argument(
-        None, show_default=False,
+        None, show_default=False, metavar="MODEL | BUNDLE",
         help="MODEL (checkpoint directory or hub id; omitted: the embedded qwen3.5-tiny) to export with --backend, "
         "--quant and --method, or existing BUNDLE directories to measure as they are",
     ),
