@@ -416,6 +416,9 @@ def report(
     eval_file: Optional[Path] = typer.Option(None, "--eval", show_default=False,
                                              help="UTF-8 text to evaluate on \\[default: the held-out split of the "
                                              "shipped corpus]"),
+    eval_tokens: Optional[int] = typer.Option(
+        None, "--eval-tokens", min=2, show_default=False,
+        help="Tokens of the evaluation text fed through each artifact, one call each \\[default: 256]"),
     source: Optional[str] = typer.Option(None, "--source", show_default=False,
                                          help="With BUNDLEs: the checkpoint they were exported from, as for verify"),
 ):
@@ -432,8 +435,9 @@ def report(
     with Progress(*Progress.get_default_columns(), console=err) as bar, quiet_warnings():
         task = bar.add_task("report", total=None)
         with progress_listening(bar, task):
-            result = build_report(request, out_dir,
-                                  advanced=lambda done, total: bar.update(task, completed=done, total=total))
+            result = build_report(
+                request, out_dir, advanced=lambda done, total: bar.update(task, completed=done, total=total),
+                **({} if eval_tokens is None else {"eval_tokens": eval_tokens}))
     for path in write_report(result, out_dir):
         out.print(str(path), highlight=False, soft_wrap=True)
     err.print(f"{sum(r['status'] == 'measured' for r in result['artifacts'])} measured, "
