@@ -394,3 +394,70 @@ def package(
             print(command)
     if not report["ok"]:
         raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    targets: Optional[list[str]] = typer.Argument(
+        None, show_default=False, metavar="MODEL | BUNDLE",
+        help="MODEL (checkpoint directory or hub id; omitted: the embedded qwen3.5-tiny) to export with --backend, "
+        "--quant and --method, or existing BUNDLE directories to measure as they are",
+    ),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Directory for report.html, report.md, report.json, the "
+                                 "plots, and (from MODEL) the bundles under bundles/"),
+    backend: Optional[str] = typer.Option(None, "--backend", "-b", show_default=False,
+                                          help="Comma-separated backends to export to (from MODEL)"),
+    quant: Optional[str] = typer.Option(None, "--quant", "-q", show_default=False,
+                                        help="Comma-separated schemes (from MODEL); a backend that does not encode one "
+                                        "is reported as refused"),
+    method: str = typer.Option("rtn", "--method", help="Comma-separated: rtn, gptq (from MODEL)"),
+    calibration: Optional[str] = typer.Option(None, "--calibration", show_default=False,
+                                              help="gptq's calibration text, as for export \\[default: default]"),
+    eval_file: Optional[Path] = typer.Option(None, "--eval", show_default=False,
+                                             help="UTF-8 text to evaluate on \\[default: the held-out split of the "
+                                             "shipped corpus]"),
+    eval_tokens: Optional[int] = typer.Option(
+        None, "--eval-tokens", min=2, show_default=False,
+        help="Tokens of the evaluation text fed through each artifact, one call each \\[default: 256]"),
+    source: Optional[str] = typer.Option(None, "--source", show_default=False,
+                                         help="With BUNDLEs: the checkpoint they were exported from, as for verify"),
+):
+    """Perplexity, KL and top-1 against the float model, size, and a greedy transcript check for every
+    artifact through its own runtime; per-tensor SNR and recurrent-state drift per plan, in eager.
+    Writes report.html (self-contained), report.md, report.json and the plots' PNGs to --out.
+
+    Examples: `qwen-mobile report -b executorch,coreml,tflite -q int8,int4 --method rtn,gptq -o report/`;
+    `qwen-mobile report ./bundle-a ./bundle-b -o report/`."""
+    from qwen_mobile.report import ReportRequest, build_report
+    from qwen_mobile.report_render import write_report
+
+    request = ReportRequest.checked(targets or [], out_dir, backend, quant, method, calibration, source, eval_file)
+    with Progress(*Progress.get_default_columns(), console=err) as bar, quiet_warnings():
+        task = bar.add_task("report", total=None)
+        with progress_listening(bar, task):
+            result = build_report(
+                request, out_dir, advanced=lambda done, total: bar.update(task, completed=done, total=total),
+                **({} if eval_tokens is None else {"eval_tokens": eval_tokens}))
+    for path in write_report(result, out_dir):
+        out.print(str(path), highlight=False, soft_wrap=True)
+    err.print(f"{sum(r['status'] == 'measured' for r in result['artifacts'])} measured, "
+              f"{sum(r['status'] == 'refused' for r in result['artifacts'])} refused, "
+              f"{result['wall_seconds']:.0f} s", highlight=False)
+
+
+@contextlib.contextmanager
+def progress_listening(bar: Progress, task):
+    """The progress bar's description names the step that runs; each step's duration is printed above it."""
+    from qwen_mobile import progress
+
+    def listen(step: str, seconds: float | None) -> None:
+        if seconds is None:
+            bar.update(task, description=step[:60])
+        else:
+            bar.console.print(f"  {step} [dim]{seconds:.1f} s[/]", highlight=False)
+
+    def notice(message: str) -> None:
+        bar.console.print(f"  [yellow]note:[/] {message}", highlight=False)
+
+    with progress.reporting(listen, notice):
+        yield

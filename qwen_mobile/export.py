@@ -14,11 +14,11 @@ from pathlib import Path
 
 from qwen_mobile import progress
 from qwen_mobile.bundle import build_manifest, copy_tokenizer, read_tokenizer_config, write_manifest
-from qwen_mobile.checkpoint import Checkpoint, load_checkpoint, open_checkpoint, stop_token_ids
+from qwen_mobile.checkpoint import Checkpoint, LoadedModel, load_checkpoint, open_checkpoint, stop_token_ids
 from qwen_mobile.config import Qwen35Config
 from qwen_mobile.errors import QwenMobileError
-from qwen_mobile.quant.plan import PLAN_FILE, resolve_scheme, save_plan
-from qwen_mobile.registry import ExportTarget, Lengths, get_backend
+from qwen_mobile.quant.plan import PLAN_FILE, QuantPlan, resolve_scheme, save_plan
+from qwen_mobile.registry import Backend, BackendSpec, ExportTarget, Lengths, get_backend
 from qwen_mobile.staging import check_target, staged_directory
 
 UNGATED = {"skipped": True, "passed": False,
@@ -113,28 +113,59 @@ def export_bundle(
     calibrated plan (quant.calibrate.calibrated_plan), which the bundle then carries as PLAN_FILE."""
     spec, quant = get_backend(backend, quant)
     scheme = resolve_scheme(quant, group_size, embeddings_8bit)
-    implementation = spec.load()
     checkpoint = open_checkpoint(model)
-    tokenizer_config = read_tokenizer_config(checkpoint.path)
-    conversation = conversation_fields(checkpoint, tokenizer_config)
-    tokens = special_tokens(checkpoint, implementation.bos_token)
-    lengths = resolve_lengths(implementation.default_lengths, checkpoint.config, max_context)
+    target = prepare_target(checkpoint, spec.name, quant, max_context)
     calibration_request = CalibrationRequest.checked(scheme, method, calibration, keep_8bit, size_budget)
-    out = check_target(out or default_out(checkpoint, spec.name, quant))
+    out = check_target(out or default_out(checkpoint, target.spec.name, target.quant))
 
     with progress.step("loading the checkpoint"):
         loaded = load_checkpoint(checkpoint)
-    with progress.step(f"planning {quant} quantization" + calibration_request.describe()):
+    with progress.step(f"planning {target.quant} quantization" + calibration_request.describe()):
         plan = calibration_request.plan(loaded.model, scheme, checkpoint.path)
-    implementation.check(plan, lengths)
+    return write_bundle(target, loaded, plan, out, gate, carry_plan=calibration_request.calibrated)
 
+
+@dataclass(frozen=True)
+class BundleTarget:
+    """One backend's side of an export, settled before any slow work."""
+
+    spec: BackendSpec
+    implementation: Backend
+    quant: str
+    lengths: Lengths
+    special_tokens: dict
+    conversation: dict  # export.conversation_fields
+
+
+def prepare_target(checkpoint: Checkpoint, backend: str, quant: str | None, max_context: int | None) -> BundleTarget:
+    """The backend and scheme checked, the tokenizer read, the lengths resolved: a one-line
+    error for whatever the export would refuse, before the checkpoint loads."""
+    spec, quant = get_backend(backend, quant)
+    implementation = spec.load()
+    tokenizer_config = read_tokenizer_config(checkpoint.path)
+    return BundleTarget(
+        spec, implementation, quant,
+        resolve_lengths(implementation.default_lengths, checkpoint.config, max_context),
+        special_tokens(checkpoint, implementation.bos_token),
+        conversation_fields(checkpoint, tokenizer_config),
+    )
+
+
+def write_bundle(target: BundleTarget, loaded: LoadedModel, plan: QuantPlan, out: Path, gate: bool = True,
+                 carry_plan: bool = False) -> Path:
+    """Lower `plan` of the loaded model into the bundle `out` (already checked by check_target),
+    gate it unless gate=False, and publish it. carry_plan: the bundle carries the plan as
+    PLAN_FILE (a calibrated plan, which verify cannot rebuild from the manifest)."""
+    implementation, lengths, checkpoint = target.implementation, target.lengths, loaded.checkpoint
+    implementation.check(plan, lengths)
     with staged_directory(out) as staging:
-        with progress.step(f"lowering for {spec.name}"):
-            fields = implementation.lower(ExportTarget(loaded.model, plan, lengths, tokens), staging)
+        with progress.step(f"lowering for {target.spec.name}"):
+            fields = implementation.lower(ExportTarget(loaded.model, plan, lengths, target.special_tokens), staging)
         copy_tokenizer(checkpoint.path, staging)
-        if calibration_request.calibrated:
+        if carry_plan:
             save_plan(plan, staging / PLAN_FILE).chmod(0o644)  # verify checks the artifact against it, never refits it
-        manifest = build_manifest(spec, implementation, checkpoint, plan, lengths, tokens, conversation, fields)
+        manifest = build_manifest(target.spec, implementation, checkpoint, plan, lengths, target.special_tokens,
+                                  target.conversation, fields)
         if gate:
             from qwen_mobile.parity import references, require_parity
 
