@@ -206,8 +206,8 @@ def export(
     ),
     calibration: Optional[str] = typer.Option(
         None, "--calibration", show_default=False,
-        help="Text for gptq and --keep-8bit auto: a shipped set (default, general, chat, code, multilingual) or a "
-        "JSONL file of {\"text\": ...} or {\"messages\": [...]} lines \\[default: default]",
+        help="Text for gptq, --keep-8bit auto and the static ranges of a8w8 / a16w8: a shipped set (default, general, "
+        "chat, code, multilingual) or a JSONL file of {\"text\": ...} or {\"messages\": [...]} lines \\[default: default]",
     ),
     keep_8bit: Optional[str] = typer.Option(
         None, "--keep-8bit", show_default=False,
@@ -218,6 +218,11 @@ def export(
     size_budget: Optional[float] = typer.Option(
         None, "--size-budget", show_default=False,
         help="With --keep-8bit auto: the extra bytes allowed over plain 4-bit, as a fraction \\[default: 0.1]",
+    ),
+    ranges: Optional[str] = typer.Option(
+        None, "--ranges", show_default=False,
+        help="How a8w8 / a16w8 choose each linear's static activation range from the calibration text: minmax, "
+        "percentile (clips the 0.01% tails) or mse (the clipping with the least squared error) \\[default: mse]",
     ),
 ):
     """Write a bundle (artifact, tokenizer, manifest) that the demo apps run unchanged.
@@ -232,7 +237,8 @@ def export(
 
     with showing_steps(f"exporting to {backend}"):
         bundle = export_bundle(model, backend, quant, out_dir, group_size, embeddings_8bit, max_context, not no_gate,
-                               method=method, calibration=calibration, keep_8bit=keep_8bit, size_budget=size_budget)
+                               method=method, calibration=calibration, keep_8bit=keep_8bit, size_budget=size_budget,
+                               ranges=ranges)
     out.print(str(bundle), highlight=False, soft_wrap=True)
 
 
