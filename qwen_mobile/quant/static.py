@@ -16,17 +16,20 @@ with), by one of RANGE_METHODS:
 int8 activations are asymmetric (a zero point in [-128, 127]); int16 activations are symmetric
 with zero point 0, which TFLite's 16x8 kernels require (and Qualcomm's HTP path takes).
 
-`static_linear` computes a linear exactly as TFLite's builtin integer kernels do on x86 (what
-the tflite gate runs as the NPU's emulation), so quant/eager.py can make the plan's eager model
-round where the artifact rounds. The kernels, at LiteRT's commit the support table cites:
-QUANTIZE (optimized_ops::AffineQuantize): int8 rounds x / scale computed in double, int16
-(reference_ops) x / scale in float32, both half away from zero (std::round); FULLY_CONNECTED per
-channel (reference_integer_ops::FullyConnectedPerChannel) accumulates exactly and requantizes by
-round(acc * (double(input_scale) * filter_scale / output_scale)), half away from zero;
-DEQUANTIZE: float(double(scale) * (q - zero_point)). The optimized int8 FULLY_CONNECTED uses a
-31-bit fixed-point multiplier instead of the double; XNNPACK rounds half to even and multiplies
-by a float32 reciprocal: those differ from this by one integer step on rare near-ties, which the
-gate's noise floor measures (parity.noise_floor).
+`static_linear` computes a linear as the LiteRT kernels the gate runs compute it, so
+quant/eager.py can make the plan's eager model round where the artifact rounds (read in google-ai-edge/LiteRT's
+sources, and checked on one linear by tests/test_tflite_static.py):
+
+- QUANTIZE: x times the float32 reciprocal of the scale, in float32, rounded half to even:
+  XNNPACK's f32->qs8 convert, and TFLite's optimized kernel, whose NEON code the x86 build runs
+  through NEON_2_SSE (its scalar tail divides in double instead; the rows here are multiples of 8).
+- FULLY_CONNECTED per channel: exact int32 accumulation, requantized as TFLite's reference kernel
+  does, round(acc * (double(input_scale) * filter_scale / output_scale)) half away from zero.
+  XNNPACK's int8 kernel gave the same integers on every output tested; TFLite's optimized kernels
+  (ruy) move 0.3-0.6% of them one step on near-ties, which the gate's noise floor covers
+  (parity.noise_floor: every static quantizer's input moved by a few ulps).
+- DEQUANTIZE: (q - zero_point) * scale in float32, as XNNPACK; TFLite's NEON code computes
+  q * scale + (-zero_point * scale), a few ulps away where the terms cancel.
 """
 
 from __future__ import annotations
@@ -115,9 +118,10 @@ def choose_range(values: torch.Tensor, low: float, high: float, method: str, act
     qmin, qmax = STATIC_ACTIVATIONS[activations]
     fractions = torch.linspace(1.0, MSE_LOWEST, MSE_STEPS).tolist()
     candidates = [quantization_params(low * fraction, high * fraction, activations) for fraction in fractions]
-    scales = torch.tensor([scale for scale, _ in candidates], dtype=torch.float64)[:, None]
-    zeros = torch.tensor([zero for _, zero in candidates], dtype=torch.float64)[:, None]
-    sample = values.double()[None, :]
+    # float32 is exact enough to rank clippings, and half the work of float64
+    scales = torch.tensor([scale for scale, _ in candidates], dtype=torch.float32)[:, None]
+    zeros = torch.tensor([zero for _, zero in candidates], dtype=torch.float32)[:, None]
+    sample = values.float()[None, :]
     restored = (torch.clamp(round_half_away(sample / scales) + zeros, qmin, qmax) - zeros) * scales
     errors = (restored - sample).pow(2).mean(dim=1)
     return candidates[int(errors.argmin())]
@@ -159,37 +163,51 @@ class RangeCollector:
 
 
 @torch.no_grad()
-def activation_ranges(model: nn.Module, plan, samples: Sequence[Sequence[int]], method: str) -> dict[str, StaticRange]:
-    """Every static-activation linear's StaticRange, from `samples` (load_calibration's token ids)
-    run through `model` with the plan's dequantized weights and float activations."""
+def collect_ranges(model: nn.Module, plan, samples: Sequence[Sequence[int]]) -> RangeCollector:
+    """What every static-activation linear of `plan` sees over `samples` (load_calibration's token
+    ids), run through `model` with the plan's dequantized weights and float activations."""
     from qwen_mobile.quant.gptq import calibration_logits
     from qwen_mobile.quant.plan import planned_modules, replaced_weights
 
-    if method not in RANGE_METHODS:
-        raise QwenMobileError(f"--ranges {method!r} is unknown; methods: {', '.join(RANGE_METHODS)}")
     if not samples:
         raise QwenMobileError("static activation ranges need calibration text (--calibration); it got no samples")
-    static = {name: weight for name, weight in plan.weights.items() if is_static(weight.activations)}
+    static = [name for name, weight in plan.weights.items() if is_static(weight.activations)]
     modules = planned_modules(model)
     dequantized = {}
     for weight in plan.weights.values():
         dequantized.setdefault(id(weight.qdata), weight.dequantize())
     collector = RangeCollector({name: modules[name] for name in static})
     try:
-        with progress.step(f"activation ranges ({method}) of {len(static)} linears over {len(samples)} samples"), \
+        with progress.step(f"activation ranges of {len(static)} linears over {len(samples)} samples"), \
                 replaced_weights(model, {name: dequantized[id(w.qdata)] for name, w in plan.weights.items()}):
             for sample in samples:
                 calibration_logits(model, sample)
     finally:
         collector.close()
+    return collector
+
+
+def ranges_from(collector: RangeCollector, plan, method: str) -> dict[str, StaticRange]:
+    """Every static-activation linear's StaticRange by `method`, from what `collector` saw."""
+    if method not in RANGE_METHODS:
+        raise QwenMobileError(f"--ranges {method!r} is unknown; methods: {', '.join(RANGE_METHODS)}")
     ranges = {}
-    for name, weight in static.items():
+    for name, weight in plan.weights.items():
+        if not is_static(weight.activations):
+            continue
         if (name, "input") not in collector.extremes:
             raise QwenMobileError(f"{name}: the calibration pass never ran this linear, so it has no activation range")
         input_scale, input_zero = collector.range(name, "input", method, weight.activations)
         output_scale, output_zero = collector.range(name, "output", method, weight.activations)
         ranges[name] = StaticRange(weight.activations, input_scale, input_zero, output_scale, output_zero)
     return ranges
+
+
+def activation_ranges(model: nn.Module, plan, samples: Sequence[Sequence[int]], method: str) -> dict[str, StaticRange]:
+    """The plan's static activation ranges by `method` over `samples` (collect_ranges, ranges_from)."""
+    if method not in RANGE_METHODS:
+        raise QwenMobileError(f"--ranges {method!r} is unknown; methods: {', '.join(RANGE_METHODS)}")
+    return ranges_from(collect_ranges(model, plan, samples), plan, method)
 
 
 # --- the integer linear, as TFLite's builtin kernels compute it (module doc)
@@ -201,21 +219,24 @@ def round_half_away(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_input(x: torch.Tensor, spec: StaticRange) -> torch.Tensor:
-    """QUANTIZE: the integers (as float64) TFLite's kernel writes for float32 `x`."""
-    if spec.activations == INT8_STATIC:
-        ratio = x.double() / spec.input_scale
-    else:
-        ratio = (x.float() / torch.tensor(spec.input_scale, dtype=torch.float32)).double()
-    return torch.clamp(round_half_away(ratio) + spec.input_zero_point, spec.qmin, spec.qmax)
+    """QUANTIZE: the integers (as float64) the kernels write for `x`: x times the float32 reciprocal
+    of the scale, in float32, rounded half to even, plus the zero point, clamped."""
+    reciprocal = torch.tensor(1.0 / spec.input_scale, dtype=torch.float32)
+    return torch.clamp(torch.round(x.float() * reciprocal).double() + spec.input_zero_point, spec.qmin, spec.qmax)
 
 
-def static_linear(x: torch.Tensor, qdata: torch.Tensor, weight_scale: torch.Tensor, spec: StaticRange) -> torch.Tensor:
+def integer_linear(x: torch.Tensor, qdata: torch.Tensor, weight_scale: torch.Tensor, spec: StaticRange) -> torch.Tensor:
     """QUANTIZE -> FULLY_CONNECTED (per-channel int8 weights `qdata` [out, in] with `weight_scale`
-    [out], no bias) -> DEQUANTIZE, to the bit on TFLite's reference integer kernels: float32 out.
-    The accumulation is exact in float64 (|acc| < 2^53 for any width a model has)."""
+    [out], no bias): the output integers (as float64) of TFLite's reference integer kernels. The
+    accumulation is exact in float64 (|acc| < 2^53 for any width a model has)."""
     q = quantize_input(x, spec) - spec.input_zero_point
     accumulators = q @ qdata.double().t()
     multipliers = (torch.tensor(spec.input_scale, dtype=torch.float64) * weight_scale.double().reshape(-1)
                    / spec.output_scale)
-    out = torch.clamp(round_half_away(accumulators * multipliers) + spec.output_zero_point, spec.qmin, spec.qmax)
+    return torch.clamp(round_half_away(accumulators * multipliers) + spec.output_zero_point, spec.qmin, spec.qmax)
+
+
+def static_linear(x: torch.Tensor, qdata: torch.Tensor, weight_scale: torch.Tensor, spec: StaticRange) -> torch.Tensor:
+    """integer_linear, then DEQUANTIZE: float32 (double(scale) * (q - zero_point)), as x's dtype."""
+    out = integer_linear(x, qdata, weight_scale, spec)
     return ((out - spec.output_zero_point) * spec.output_scale).float().to(x.dtype)
