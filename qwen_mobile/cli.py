@@ -222,7 +222,8 @@ def export(
     ranges: Optional[str] = typer.Option(
         None, "--ranges", show_default=False,
         help="How a8w8 / a16w8 choose each linear's static activation range from the calibration text: minmax, "
-        "percentile (clips the 0.01% tails) or mse (the clipping with the least squared error) \\[default: mse]",
+        "percentile (clips the 0.01% tails) or mse (the clipping with the least squared error) \\[default: a8w8 mse, "
+        "a16w8 minmax]",
     ),
 ):
     """Write a bundle (artifact, tokenizer, manifest) that the demo apps run unchanged.

@@ -131,7 +131,7 @@ def calibration_file(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("scheme,ranges", [("a8w8", None), ("a16w8", "minmax")])
+@pytest.mark.parametrize("scheme,ranges", [("a8w8", None), ("a16w8", "mse")])
 def test_a_static_export_passes_its_gate_through_both_runtimes_and_carries_its_ranges(
         tmp_path, calibration_file, scheme, ranges):
     out = export_bundle(None, "tflite", scheme, tmp_path / "bundle", max_context=64,
@@ -141,7 +141,7 @@ def test_a_static_export_passes_its_gate_through_both_runtimes_and_carries_its_r
     assert parity["passed"] and set(parity["runtimes"]) == {"xnnpack", "builtin_kernels"}
     assert all(result["passed"] for result in parity["runtimes"].values())
     plan = load_plan(out / PLAN_FILE)
-    assert plan.calibration["ranges"] == (ranges or "mse") and plan.calibration["samples"] == 2
+    assert plan.calibration["ranges"] == (ranges or "mse") and plan.calibration["samples"] == 2  # a8w8's default
     static = {name for name, weight in plan.weights.items() if weight.activations}
     assert set(plan.activation_ranges) == static and manifest["quant"]["activation_ranges"].keys() == static
     assert parity["weights"] == {"checked": len(plan.weights), "differ": []}  # integers, scales and ranges

@@ -48,7 +48,6 @@ INT16_STATIC = "int16_static_per_tensor"
 STATIC_ACTIVATIONS = {INT8_STATIC: (-128, 127), INT16_STATIC: (-32768, 32767)}
 
 RANGE_METHODS = ("minmax", "percentile", "mse")
-DEFAULT_RANGES = "mse"  # measured on the embedded model: docs/quantization.md, "Static activations"
 PERCENTILE = 1e-4  # each tail's share clipped by --ranges percentile
 MSE_STEPS = 40  # clipping fractions of the min-max range searched by --ranges mse, from 1 down to MSE_LOWEST
 MSE_LOWEST = 0.2
@@ -83,13 +82,16 @@ class StaticRange:
 
 
 def check_ranges_flag(ranges: str | None, scheme) -> str | None:
-    """--ranges, checked: a method for static schemes (DEFAULT_RANGES when not given), None otherwise."""
+    """--ranges, checked: a method for static schemes (the scheme's default_ranges in schemes.json
+    when not given), None otherwise."""
+    from qwen_mobile.quant.plan import scheme_table
+
     static = is_static(scheme.activations)
     if ranges is not None and ranges not in RANGE_METHODS:
         raise QwenMobileError(f"--ranges {ranges!r} is unknown; methods: {', '.join(RANGE_METHODS)}")
     if ranges is not None and not static:
         raise QwenMobileError(f"--ranges applies to schemes with static activations (a8w8, a16w8), not to {scheme.name}")
-    return (ranges or DEFAULT_RANGES) if static else None
+    return (ranges or scheme_table()[scheme.name]["default_ranges"]) if static else None
 
 
 def quantization_params(low: float, high: float, activations: str) -> tuple[float, int]:
