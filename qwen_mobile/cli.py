@@ -233,7 +233,9 @@ def export(
     Only the bundle's path goes to stdout; progress goes to stderr.
 
     Examples: `qwen-mobile export` (the embedded model, ExecuTorch fp32);
-    `qwen-mobile export ./Qwen3.5-0.8B -b executorch -q 8da4w`; `qwen-mobile export ./Qwen3.5-0.8B -b coreml -q int4`."""
+    `qwen-mobile export ./Qwen3.5-0.8B -b executorch -q 8da4w`; `qwen-mobile export ./Qwen3.5-0.8B -b coreml -q int4`;
+    `qwen-mobile export ./Qwen3.5-0.8B -b tflite -q a16w8` (for NPUs: integer linears with static ranges from the
+    default calibration set)."""
     from qwen_mobile.export import export_bundle
 
     with showing_steps(f"exporting to {backend}"):

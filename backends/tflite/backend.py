@@ -104,7 +104,7 @@ class TFLiteBackend(Backend):
         return {
             "litert": runtime.thread_count(),  # CpuOptions.num_threads: one per core, as torch counts them
             "litert_api": "CompiledModel, CPU accelerator (XNNPACK)",
-            "xnnpack_weight_cache": "shared by both signatures: a file for 8da8w/8da4w, in memory otherwise",
+            "xnnpack_weight_cache": "shared by both signatures: a file for schemes with quantized activations, in memory otherwise",
             "state": "caches bound in place (state_in_place), other state in swapped buffers",
         }
 
@@ -129,7 +129,7 @@ def differing_ranges(found: dict[str, list[dict]], plan) -> list[str]:
 
 def packs_small(quant: dict) -> bool:
     """Whether XNNPACK's packed weights are about the artifact's size, so worth a file: the schemes
-    whose linears run on int8 activations (8da8w, 8da4w). fp32 and the weight-only schemes (which
+    whose linears run on quantized activations (8da8w, 8da4w, a8w8, a16w8). fp32 and the weight-only schemes (which
     it unpacks to float32) pack to several times a quantized file; their cache stays in memory."""
     return bool(quant.get("activations"))
 
