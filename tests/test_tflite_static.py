@@ -141,6 +141,7 @@ def test_a_static_export_passes_its_gate_through_both_runtimes_and_carries_its_r
     assert parity["passed"] and set(parity["runtimes"]) == {"xnnpack", "builtin_kernels"}
     assert all(result["passed"] for result in parity["runtimes"].values())
     plan = load_plan(out / PLAN_FILE)
+    assert plan.to_manifest() == manifest["quant"]  # what verify requires of the plan the bundle carries
     assert plan.calibration["ranges"] == (ranges or "mse") and plan.calibration["samples"] == 2  # a8w8's default
     static = {name for name, weight in plan.weights.items() if weight.activations}
     assert set(plan.activation_ranges) == static and manifest["quant"]["activation_ranges"].keys() == static

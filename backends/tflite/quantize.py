@@ -49,7 +49,7 @@ Its consumers take it as follows:
   channel: TFLite's int8 kernel and, for int16 x int8, its 16x8 kernel), and a DEQUANTIZE hands
   float32 to the ops after it. Everything between two linears (norms, the depthwise conv, the
   Gated DeltaNet recurrence, rotary embedding, softmax attention, SiLU gates, residual adds)
-  stays float32: see docs/tflite.md, "Static activations (a8w8, a16w8)", for which and why.
+  stays float32: see docs/tflite.md, "Static activations for NPUs", for which and why.
 
 Any other consumer of a weight with quantized activations is refused. Builtin ops only.
 `read_weights`, `fully_connected_filters`, `embedding_lookups` and `static_ranges` read the
