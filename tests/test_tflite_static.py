@@ -5,9 +5,11 @@ import json
 import shutil
 from dataclasses import replace
 
+import flatbuffers
 import numpy as np
 import pytest
 import torch
+from test_tflite_quant import TOKENS, convert
 from torch import nn
 from typer.testing import CliRunner
 
@@ -19,8 +21,6 @@ from qwen_mobile.export import export_bundle
 from qwen_mobile.quant.eager import dequantized
 from qwen_mobile.quant.plan import PLAN_FILE, load_plan, make_plan, resolve_scheme
 from qwen_mobile.quant.static import RangeCollector, StaticRange, integer_linear, quantize_input
-
-from test_tflite_quant import TOKENS, convert
 
 
 class OneLinear(nn.Module):
@@ -171,8 +171,6 @@ def test_a_static_export_passes_its_gate_through_both_runtimes_and_carries_its_r
     subgraph = model.subgraphs[0]
     tensor = next(t for t in subgraph.tensors if t.name.decode() == f"{name}.input")
     tensor.quantization.scale = tensor.quantization.scale * np.float32(1.01)
-    import flatbuffers
-
     builder = flatbuffers.Builder(len(written))
     builder.Finish(model.Pack(builder), file_identifier=quantize.TFLITE_FILE_IDENTIFIER)
     (mutant / "model.tflite").write_bytes(bytes(builder.Output()))

@@ -34,8 +34,8 @@ sources, and checked on one linear by tests/test_tflite_static.py):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
