@@ -206,8 +206,8 @@ def export(
     ),
     calibration: Optional[str] = typer.Option(
         None, "--calibration", show_default=False,
-        help="Text for gptq and --keep-8bit auto: a shipped set (default, general, chat, code, multilingual) or a "
-        "JSONL file of {\"text\": ...} or {\"messages\": [...]} lines \\[default: default]",
+        help="Text for gptq, --keep-8bit auto and the static ranges of a8w8 / a16w8: a shipped set (default, general, "
+        "chat, code, multilingual) or a JSONL file of {\"text\": ...} or {\"messages\": [...]} lines \\[default: default]",
     ),
     keep_8bit: Optional[str] = typer.Option(
         None, "--keep-8bit", show_default=False,
@@ -219,6 +219,12 @@ def export(
         None, "--size-budget", show_default=False,
         help="With --keep-8bit auto: the extra bytes allowed over plain 4-bit, as a fraction \\[default: 0.1]",
     ),
+    ranges: Optional[str] = typer.Option(
+        None, "--ranges", show_default=False,
+        help="How a8w8 / a16w8 choose each linear's static activation range from the calibration text: minmax, "
+        "percentile (clips the 0.01% tails) or mse (the clipping with the least squared error) \\[default: a8w8 mse, "
+        "a16w8 minmax]",
+    ),
 ):
     """Write a bundle (artifact, tokenizer, manifest) that the demo apps run unchanged.
 
@@ -227,12 +233,15 @@ def export(
     Only the bundle's path goes to stdout; progress goes to stderr.
 
     Examples: `qwen-mobile export` (the embedded model, ExecuTorch fp32);
-    `qwen-mobile export ./Qwen3.5-0.8B -b executorch -q 8da4w`; `qwen-mobile export ./Qwen3.5-0.8B -b coreml -q int4`."""
+    `qwen-mobile export ./Qwen3.5-0.8B -b executorch -q 8da4w`; `qwen-mobile export ./Qwen3.5-0.8B -b coreml -q int4`;
+    `qwen-mobile export ./Qwen3.5-0.8B -b tflite -q a16w8` (for NPUs: integer linears with static ranges from the
+    default calibration set)."""
     from qwen_mobile.export import export_bundle
 
     with showing_steps(f"exporting to {backend}"):
         bundle = export_bundle(model, backend, quant, out_dir, group_size, embeddings_8bit, max_context, not no_gate,
-                               method=method, calibration=calibration, keep_8bit=keep_8bit, size_budget=size_budget)
+                               method=method, calibration=calibration, keep_8bit=keep_8bit, size_budget=size_budget,
+                               ranges=ranges)
     out.print(str(bundle), highlight=False, soft_wrap=True)
 
 

@@ -106,16 +106,18 @@ def export_bundle(
     calibration: str | None = None,
     keep_8bit: str | None = None,
     size_budget: float | None = None,
+    ranges: str | None = None,
 ) -> Path:
     """Write a bundle for MODEL to `out` (default MODEL-BACKEND-QUANT) and return its path.
     With gate=False the bundle is written without its parity gate and its manifest says so.
     method, calibration, keep_8bit ("auto" or comma-separated weight names) and size_budget make a
-    calibrated plan (quant.calibrate.calibrated_plan), which the bundle then carries as PLAN_FILE."""
+    calibrated plan (quant.calibrate.calibrated_plan), which the bundle then carries as PLAN_FILE;
+    so does a static-activation scheme (a8w8, a16w8), whose ranges (by `ranges`) are calibrated."""
     spec, quant = get_backend(backend, quant)
     scheme = resolve_scheme(quant, group_size, embeddings_8bit)
     checkpoint = open_checkpoint(model)
     target = prepare_target(checkpoint, spec.name, quant, max_context)
-    calibration_request = CalibrationRequest.checked(scheme, method, calibration, keep_8bit, size_budget)
+    calibration_request = CalibrationRequest.checked(scheme, method, calibration, keep_8bit, size_budget, ranges)
     out = check_target(out or default_out(checkpoint, target.spec.name, target.quant))
 
     with progress.step("loading the checkpoint"):
@@ -179,17 +181,19 @@ def write_bundle(target: BundleTarget, loaded: LoadedModel, plan: QuantPlan, out
 
 @dataclass(frozen=True)
 class CalibrationRequest:
-    """--method, --calibration, --keep-8bit and --size-budget, checked before any slow work."""
+    """--method, --calibration, --keep-8bit, --size-budget and --ranges, checked before any slow work."""
 
     method: str
     calibration: str | None
     keep_8bit: str | list[str] | None
     size_budget: float | None
+    ranges: str | None = None  # static-activation schemes: how their ranges are chosen (quant/static.py)
 
     @classmethod
     def checked(cls, scheme, method: str, calibration: str | None, keep_8bit: str | None,
-                size_budget: float | None) -> "CalibrationRequest":
+                size_budget: float | None, ranges: str | None = None) -> "CalibrationRequest":
         from qwen_mobile.quant.calibrate import DEFAULT_SET, METHODS, read_samples, resolve_set
+        from qwen_mobile.quant.static import check_ranges_flag
 
         if method not in METHODS:
             raise QwenMobileError(f"--method {method!r} is unknown; methods: {', '.join(METHODS)}")
@@ -197,23 +201,26 @@ class CalibrationRequest:
             name.strip() for name in keep_8bit.split(",") if name.strip()]
         if (method != "rtn" or kept) and scheme.is_float:
             raise QwenMobileError(f"--method and --keep-8bit apply to quantized schemes, not to {scheme.name}")
-        needs_text = method == "gptq" or kept == "auto"
+        ranges = check_ranges_flag(ranges, scheme)
+        needs_text = method == "gptq" or kept == "auto" or ranges is not None
         if calibration is not None and not needs_text:
-            raise QwenMobileError("--calibration feeds --method gptq and --keep-8bit auto; neither is asked for")
+            raise QwenMobileError("--calibration feeds --method gptq, --keep-8bit auto and the static-activation "
+                                  "schemes (a8w8, a16w8); none is asked for")
         if needs_text:
             calibration = calibration or DEFAULT_SET
             read_samples(resolve_set(calibration))  # a malformed file fails here, naming file and line
-        return cls(method, calibration, kept, size_budget)
+        return cls(method, calibration, kept, size_budget, ranges)
 
     @property
     def calibrated(self) -> bool:
-        return self.method != "rtn" or bool(self.keep_8bit)
+        return self.method != "rtn" or bool(self.keep_8bit) or self.ranges is not None
 
     def describe(self) -> str:
         if not self.calibrated:
             return ""
         kept = "" if not self.keep_8bit else f", 8-bit: {self.keep_8bit if self.keep_8bit == 'auto' else len(self.keep_8bit)}"
-        return f" ({self.method}{kept}" + (f", calibration {self.calibration})" if self.calibration else ")")
+        ranges = "" if self.ranges is None else f", {self.ranges} activation ranges"
+        return f" ({self.method}{kept}{ranges}" + (f", calibration {self.calibration})" if self.calibration else ")")
 
     def plan(self, model, scheme, checkpoint_dir: Path):
         from qwen_mobile.generate import load_tokenizer
@@ -223,4 +230,4 @@ class CalibrationRequest:
         if self.calibration is not None:
             samples = load_calibration(self.calibration, load_tokenizer(checkpoint_dir), DEFAULT_MAX_SAMPLES)
         return calibrated_plan(model, scheme, self.method, samples, self.keep_8bit or (), self.size_budget,
-                               self.calibration)
+                               self.calibration, ranges=self.ranges)

@@ -33,9 +33,15 @@ class BackendSpec:
     artifact: str  # the artifact's file (or directory) name inside a bundle
     quant_schemes: tuple[str, ...]  # the --quant values it encodes; the first is the default
     implementation: str  # "module:Class" implementing Backend, imported only when used
+    # (scheme, why not) for schemes the backend refuses for a reason worth saying
+    refused_schemes: tuple[tuple[str, str], ...] = ()
 
     def require_scheme(self, quant: str) -> None:
-        """A --quant this backend does not encode is a one-line error naming what it does."""
+        """A --quant this backend does not encode is a one-line error naming what it does (and why
+        not, where the backend says)."""
+        why = dict(self.refused_schemes).get(quant)
+        if why is not None:
+            raise QwenMobileError(f"--quant {quant!r} is not supported by the {self.name} backend: {why}")
         if quant not in self.quant_schemes:
             raise QwenMobileError(
                 f"--quant {quant!r} is not supported by the {self.name} backend; "

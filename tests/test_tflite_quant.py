@@ -336,7 +336,7 @@ def test_a_dynamic_weight_that_no_fully_connected_takes_is_refused_by_name(small
     embedding = replace(tied_plan.weights["embed_tokens.weight"], activations=INT8_ASYMMETRIC_PER_TOKEN)
     tied_plan = replace(tied_plan, weights={**tied_plan.weights, "embed_tokens.weight": embedding})
     with pytest.raises(QwenMobileError, match="^embed_tokens.weight: EMBEDDING_LOOKUP takes it in the serving_default "
-                                              "signature; the tflite backend quantizes activations dynamically only"):
+                                              "signature; the tflite backend quantizes activations only"):
         quantize.encode(converted, tied_plan)
 
 

@@ -11,5 +11,9 @@ BACKEND = BackendSpec(
     summary="ExecuTorch .pte (XNNPACK), state in mutable buffers, verified through the ExecuTorch runtime",
     artifact="model.pte",
     quant_schemes=("fp32", "int8", "8da4w"),
+    refused_schemes=(
+        ("a8w8", "static activation ranges are for NPU targets, exported through the tflite backend (-b tflite)"),
+        ("a16w8", "static activation ranges are for NPU targets, exported through the tflite backend (-b tflite)"),
+    ),
     implementation="qwen_mobile.backends.executorch.backend:ExecuTorchBackend",
 )

@@ -10,6 +10,6 @@ BACKEND = BackendSpec(
     name="tflite",
     summary="TFLite/LiteRT .tflite (builtin ops only), prefill + decode signatures, verified through ai-edge-litert",
     artifact="model.tflite",
-    quant_schemes=("fp32", "int8", "int4", "8da8w", "8da4w"),
+    quant_schemes=("fp32", "int8", "int4", "8da8w", "8da4w", "a8w8", "a16w8"),
     implementation="qwen_mobile.backends.tflite.backend:TFLiteBackend",
 )

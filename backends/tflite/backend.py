@@ -74,15 +74,17 @@ class TFLiteBackend(Backend):
         return Runner(step, max_context=manifest["max_context"], max_chunk=manifest["max_seq_len"])
 
     def missing_weights(self, bundle: Path, manifest: dict, plan) -> list[str]:
-        """The integer constants read back from model.tflite, against the plan. A tied lm_head is
-        the embedding's constant, so the embedding's check covers it."""
+        """The integer constants read back from model.tflite, against the plan, and for static
+        activations each integer FULLY_CONNECTED's input and output ranges (in every signature).
+        A tied lm_head is the embedding's constant, so the embedding's check covers it."""
         from . import quantize
 
+        flatbuffer = (Path(bundle) / manifest["artifact"]).read_bytes()
         try:
-            stored = quantize.read_weights((Path(bundle) / manifest["artifact"]).read_bytes())
+            stored = quantize.read_weights(flatbuffer)
         except AssertionError as error:  # one weight in two buffers: not what the encoder writes
             return [str(error).split(":")[0]]
-        missing = []
+        missing = differing_ranges(quantize.static_ranges(flatbuffer), plan)
         for name, weight in plan.weights.items():
             entry = stored.get(name)
             if entry is None:
@@ -95,21 +97,39 @@ class TFLiteBackend(Backend):
                       and np.array_equal(entry["scale"].reshape(weight.scale.shape), weight.scale.float().numpy())
                       and np.array_equal(entry["zero_point"].reshape(weight.zero_point.shape), weight.zero_point.numpy())):
                 missing.append(name)
-        return sorted(missing)
+        return sorted(set(missing))
 
     def thread_counts(self) -> dict:
         """What runtime.TFLiteModel runs with, as an app would set it."""
         return {
             "litert": runtime.thread_count(),  # CpuOptions.num_threads: one per core, as torch counts them
             "litert_api": "CompiledModel, CPU accelerator (XNNPACK)",
-            "xnnpack_weight_cache": "shared by both signatures: a file for 8da8w/8da4w, in memory otherwise",
+            "xnnpack_weight_cache": "shared by both signatures: a file for schemes with quantized activations, in memory otherwise",
             "state": "caches bound in place (state_in_place), other state in swapped buffers",
         }
 
 
+def differing_ranges(found: dict[str, list[dict]], plan) -> list[str]:
+    """The plan's static-activation linears whose integer FULLY_CONNECTEDs (one per signature) do not
+    carry the plan's input and output scale and zero point, exactly, and its activation type; and any
+    integer FULLY_CONNECTED the plan does not describe."""
+    from qwen_mobile.quant.static import INT16_STATIC
+
+    differ = sorted(set(found) - set(plan.activation_ranges))
+    for name, spec in plan.activation_ranges.items():
+        expected = {"activations": "INT16" if spec.activations == INT16_STATIC else "INT8",
+                    "input": [spec.input_scale, spec.input_zero_point], "output": [spec.output_scale, spec.output_zero_point]}
+        entries = found.get(name, [])
+        if len(entries) != len(lower.SIGNATURES) or any(
+                {key: entry[key] for key in expected} != expected or entry["output_type"] != expected["activations"]
+                for entry in entries):
+            differ.append(name)
+    return differ
+
+
 def packs_small(quant: dict) -> bool:
     """Whether XNNPACK's packed weights are about the artifact's size, so worth a file: the schemes
-    whose linears run on int8 activations (8da8w, 8da4w). fp32 and the weight-only schemes (which
+    whose linears run on quantized activations (8da8w, 8da4w, a8w8, a16w8). fp32 and the weight-only schemes (which
     it unpacks to float32) pack to several times a quantized file; their cache stays in memory."""
     return bool(quant.get("activations"))
 

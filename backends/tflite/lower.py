@@ -41,6 +41,7 @@ from . import quantize
 from .swaps import MODULE_SWAPS, decompositions, stored_shape
 
 PREFILL, DECODE = "prefill", "decode"
+SIGNATURES = (PREFILL, DECODE)
 OUTPUT_SUFFIX = "_out"
 
 

@@ -5,7 +5,10 @@ report describes the file as written: per signature, every operator with its bui
 name and its input and output dtypes and shapes, whether every shape is static, whether
 any op is custom or Flex (SELECT_TF_OPS), and per NPU target (LiteRT's Qualcomm and
 MediaTek compiler plugins, whose documented op and dtype support is kept as data in
-npu_support.json with its source) which ops it would accept.
+npu_support.json with its source) which ops it would accept. `precision` says which ops
+compute in float (any FLOAT32 or FLOAT16 tensor) and which on integers only, and, for a file
+with integer FULLY_CONNECTEDs (a8w8, a16w8), why each kind of float op stayed float
+(float_ops.json).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from pathlib import Path
 from qwen_mobile.errors import QwenMobileError
 
 SUPPORT_TABLE = Path(__file__).resolve().parent / "npu_support.json"
+FLOAT_OPS_TABLE = Path(__file__).resolve().parent / "float_ops.json"
+FLOAT_TYPES = ("FLOAT32", "FLOAT16")
 FLEX_PREFIX = "Flex"
 
 
@@ -90,7 +95,9 @@ def build(path: Path) -> dict:
             name = codes[op.opcodeIndex]
             inputs = [tensor_entry(subgraph.tensors[i], type_names) for i in op.inputs if i >= 0]
             outputs = [tensor_entry(subgraph.tensors[i], type_names) for i in op.outputs if i >= 0]
-            entry = {"signature": signature, "index": index, "op": name, "inputs": inputs, "outputs": outputs}
+            computes_in = "float" if any(t["dtype"] in FLOAT_TYPES for t in inputs + outputs) else "integer"
+            entry = {"signature": signature, "index": index, "op": name, "computes_in": computes_in,
+                     "inputs": inputs, "outputs": outputs}
             for target_name, target in targets.items():
                 reasons = check_target(name, inputs + outputs, target)
                 entry[target_name] = {"supported": not reasons, **({"why_not": reasons} if reasons else {})}
@@ -98,6 +105,7 @@ def build(path: Path) -> dict:
                     per_target[target_name][name] += 1
             operators.append(entry)
     custom = sorted({c for c in codes if c.startswith("CUSTOM:")})
+    precision = precision_summary(operators)
     return {
         "artifact": Path(path).name,
         "builtin_only": not custom,
@@ -105,6 +113,7 @@ def build(path: Path) -> dict:
         "flex_ops": [c for c in custom if c.removeprefix("CUSTOM:").startswith(FLEX_PREFIX)],
         "all_shapes_static": all(t["static"] for op in operators for t in op["inputs"] + op["outputs"]),
         "op_counts": dict(sorted(Counter(op["op"] for op in operators).items())),
+        "precision": precision,
         "targets": {
             name: {
                 "name": target["name"],
@@ -118,6 +127,24 @@ def build(path: Path) -> dict:
         "support_table": SUPPORT_TABLE.name,
         "operators": operators,
     }
+
+
+def precision_summary(operators: list[dict]) -> dict:
+    """How many ops compute in float and on integers only; for a file with integer FULLY_CONNECTEDs,
+    why each kind of float op is float (float_ops.json)."""
+    floats = Counter(op["op"] for op in operators if op["computes_in"] == "float")
+    integer_linears = sum(1 for op in operators if op["op"] == "FULLY_CONNECTED" and op["computes_in"] == "integer")
+    summary = {
+        "fully_integer": not floats,
+        "integer_ops": len(operators) - sum(floats.values()),
+        "float_ops": sum(floats.values()),
+        "integer_fully_connected": integer_linears,
+        "float_ops_by_op": dict(sorted(floats.items())),
+    }
+    if integer_linears:
+        reasons = {name: why for name, why in json.loads(FLOAT_OPS_TABLE.read_text()).items() if not name.startswith("_")}
+        summary["why_float"] = {name: reasons.get(name, "not described in float_ops.json") for name in sorted(floats)}
+    return summary
 
 
 def require_builtin_only(report: dict, path: Path) -> None:

@@ -41,13 +41,19 @@ Its consumers take it as follows:
   the Qwen3.5-0.8B shape the int8 bundle held 14.6 GiB at run time and decoded at float
   speed): weight-only schemes are size-only on LiteRT's CPU path.
 
-Any other consumer of a weight with dynamic activations is refused. Builtin ops only.
-`read_weights`, `fully_connected_filters` and `embedding_lookups` read the integers, scales
-and consumers back from the file for the tests.
+- a FULLY_CONNECTED taking it as its filter, for a weight with static activations (a8w8,
+  a16w8; `per_channel` only): an integer FULLY_CONNECTED. Its float input goes through a
+  QUANTIZE to INT8 (a8w8) or INT16 (a16w8) with the plan's input scale and zero point (one
+  QUANTIZE per FULLY_CONNECTED, each with its own linear's range), the FULLY_CONNECTED writes
+  INT8 / INT16 at the plan's output scale and zero point (int32 accumulators requantized per
+  channel: TFLite's int8 kernel and, for int16 x int8, its 16x8 kernel), and a DEQUANTIZE hands
+  float32 to the ops after it. Everything between two linears (norms, the depthwise conv, the
+  Gated DeltaNet recurrence, rotary embedding, softmax attention, SiLU gates, residual adds)
+  stays float32: see docs/tflite.md, "Static activations for NPUs", for which and why.
 
-Full-integer static quantization (int8/int16 activations from calibration data, what NPU
-targets want) is a later plan property: `activation_ranges` below is the hook, refused
-until the calibration work produces it.
+Any other consumer of a weight with quantized activations is refused. Builtin ops only.
+`read_weights`, `fully_connected_filters`, `embedding_lookups` and `static_ranges` read the
+integers, scales, consumers and activation ranges back from the file for the tests and the gate.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ import torch
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.quant.eager import INT8_ASYMMETRIC_PER_TOKEN
 from qwen_mobile.quant.plan import QuantizedWeight, QuantPlan
+from qwen_mobile.quant.static import INT16_STATIC, StaticRange, is_static
 
 TFLITE_FILE_IDENTIFIER = b"TFL3"
 # The version TFLite's op_version.cc gives a FULLY_CONNECTED with a float input, a per-channel
@@ -65,6 +72,9 @@ TFLITE_FILE_IDENTIFIER = b"TFL3"
 HYBRID_FULLY_CONNECTED_VERSION = 12
 # op_version.cc: an EMBEDDING_LOOKUP of an INT4 or per-channel quantized table
 QUANTIZED_LOOKUP_VERSION = 4
+# op_version.cc for the static-activation ops: QUANTIZE to INT8 1, to INT16 2; DEQUANTIZE of INT8 2,
+# of INT16 3; an integer FULLY_CONNECTED 6 with two inputs, 5 with keep_num_dims, 4 otherwise
+QUANTIZE_VERSIONS, DEQUANTIZE_VERSIONS = {"int8": 1, "int16": 2}, {"int8": 2, "int16": 3}
 # XNNPACK's blockwise GEMMs take blocks of a multiple of 32 columns (xnnpack_delegate.cc);
 # TFLite's blockwise FULLY_CONNECTED runs only where its 4-bit kernel applies: at least 4
 # output rows and 32 input columns (kernels/fully_connected.cc, optimized_4bit FilterWidth/Depth)
@@ -115,10 +125,13 @@ def check_encodable(plan: QuantPlan) -> None:
                 )
         if weight.activations is None:
             continue
+        if is_static(weight.activations):
+            check_static(name, weight, plan.activation_ranges.get(name))
+            continue
         if weight.activations != INT8_ASYMMETRIC_PER_TOKEN:
             raise QwenMobileError(
                 f"{name}: activation quantization {weight.activations!r} is not encoded by the tflite backend "
-                f"(weight-only and {INT8_ASYMMETRIC_PER_TOKEN} are)"
+                f"(weight-only, {INT8_ASYMMETRIC_PER_TOKEN} and static int8/int16 are)"
             )
         if form == GROUPED:
             raise QwenMobileError(
@@ -157,12 +170,28 @@ def check_encodable(plan: QuantPlan) -> None:
             )
 
 
-def activation_ranges(plan: QuantPlan) -> None:
-    """Hook for full-integer static quantization: per-tensor activation ranges from calibration
-    data would be written here as each activation tensor's QuantizationParameters, with
-    QUANTIZE/DEQUANTIZE at the signature boundaries. Plans carry no activation ranges yet."""
-    if getattr(plan, "activation_ranges", None):
-        raise QwenMobileError("static activation quantization (calibrated ranges) is not encoded yet by the tflite backend")
+def check_static(name: str, weight: QuantizedWeight, spec: StaticRange | None) -> None:
+    """What TFLite's integer FULLY_CONNECTED takes: int8 weights per channel, symmetric, in
+    [-127, 127]; a range for input and output; int16 activations with zero point 0 (16x8 kernel)."""
+    if spec is None or spec.activations != weight.activations:
+        raise QwenMobileError(f"{name}: static activations ({weight.activations}) without their range in the plan")
+    if weight.bits != 8 or stored_form(weight) != PER_CHANNEL:
+        raise QwenMobileError(
+            f"{name}: {weight.bits}-bit weights in groups of {weight.group_size} with static activations are not encoded "
+            "by the tflite backend (its integer FULLY_CONNECTED takes int8 weights with one scale per row)"
+        )
+    if bool(weight.zero_point.any()) or int(weight.qdata.min()) < -127:
+        raise QwenMobileError(
+            f"{name}: static activations need symmetric int8 weights in [-127, 127] (TFLite's per-channel integer "
+            "FULLY_CONNECTED)"
+        )
+    scales = (spec.input_scale, spec.output_scale)
+    if not all(scale > 0 and np.float32(scale) == scale for scale in scales):
+        raise QwenMobileError(f"{name}: activation scales {scales} are not positive float32 values")
+    if not all(spec.qmin <= zero <= spec.qmax for zero in (spec.input_zero_point, spec.output_zero_point)):
+        raise QwenMobileError(f"{name}: an activation zero point is outside the {spec.activations} range")
+    if spec.activations == INT16_STATIC and (spec.input_zero_point or spec.output_zero_point):
+        raise QwenMobileError(f"{name}: int16 activations need zero point 0 (TFLite's 16x8 FULLY_CONNECTED)")
 
 
 def _opcode_index(model, builtin: int, version: int) -> int:
@@ -274,6 +303,79 @@ def _unfuse_activation(model, subgraph, op) -> None:
     subgraph.operators = operators
 
 
+def _per_tensor_quantization(scale: float, zero_point: int):
+    params = schema().QuantizationParametersT()
+    params.scale, params.zeroPoint = np.array([scale], np.float32), np.array([zero_point], np.int64)
+    params.quantizedDimension = 0
+    return params
+
+
+def _static_fully_connected(model, subgraph, op, name: str, spec: StaticRange) -> None:
+    """Make a FULLY_CONNECTED whose filter is now the plan's per-channel INT8 constant an integer
+    one: QUANTIZE (the plan's input range) -> it, writing the plan's output range -> DEQUANTIZE
+    into the float32 tensor it wrote before (see the module doc)."""
+    s = schema()
+    kind = "int16" if spec.activations == INT16_STATIC else "int8"
+    qtype = s.TensorType.INT16 if kind == "int16" else s.TensorType.INT8
+    if len(op.inputs) > 2 and int(op.inputs[2]) >= 0:
+        raise QwenMobileError(f"{name}: a linear with a bias is not encoded with static activations by the tflite backend")
+    _unfuse_activation(model, subgraph, op)  # the activation then runs on the float32 output, as in eager
+    source, written = int(op.inputs[0]), int(op.outputs[0])
+    quantized_input = _tensor(subgraph, f"{name}.input", [int(d) for d in subgraph.tensors[source].shape], qtype, 0,
+                              _per_tensor_quantization(spec.input_scale, spec.input_zero_point))
+    quantized_output = _tensor(subgraph, f"{name}.output", [int(d) for d in subgraph.tensors[written].shape], qtype, 0,
+                               _per_tensor_quantization(spec.output_scale, spec.output_zero_point))
+    op.inputs = np.array([quantized_input, *[int(i) for i in op.inputs[1:]]], np.int32)
+    op.outputs = np.array([quantized_output], np.int32)
+    op.builtinOptions.asymmetricQuantizeInputs = False
+    version = 6 if len(op.inputs) == 2 else 5 if op.builtinOptions.keepNumDims else 4
+    op.opcodeIndex = _opcode_index(model, s.BuiltinOperator.FULLY_CONNECTED, version)
+    quantize = _operator(_opcode_index(model, s.BuiltinOperator.QUANTIZE, QUANTIZE_VERSIONS[kind]),
+                         [source], [quantized_input])
+    dequantize = _operator(_opcode_index(model, s.BuiltinOperator.DEQUANTIZE, DEQUANTIZE_VERSIONS[kind]),
+                           [quantized_output], [written])
+    operators = list(subgraph.operators)
+    at = operators.index(op)
+    subgraph.operators = operators[:at] + [quantize, op, dequantize] + operators[at + 1:]
+
+
+def static_ranges(flatbuffer: bytes) -> dict[str, list[dict]]:
+    """The static activation ranges the file holds, by plan weight name: per integer
+    FULLY_CONNECTED (one per signature), {signature, activations (the QUANTIZE'd type), input and
+    output [scale, zero point], filter (its tensor's name), quantized_by and dequantized_by (the
+    ops around it)}."""
+    s = schema()
+    model = s.ModelT.InitFromPackedBuf(flatbuffer, 0)
+    op_names, type_names = _op_names(), _type_names()
+    signatures = {signature.subgraphIndex: signature.signatureKey.decode() for signature in model.signatureDefs}
+    found: dict[str, list[dict]] = {}
+    for index, subgraph in enumerate(model.subgraphs):
+        producers = _producers(subgraph)
+        readers = {int(i): op for op in subgraph.operators for i in op.inputs if i >= 0}
+        for op in subgraph.operators:
+            if _builtin(model, op) != s.BuiltinOperator.FULLY_CONNECTED:
+                continue
+            source, written = subgraph.tensors[op.inputs[0]], subgraph.tensors[op.outputs[0]]
+            if source.type not in (s.TensorType.INT8, s.TensorType.INT16):
+                continue
+            producer, reader = producers.get(int(op.inputs[0])), readers.get(int(op.outputs[0]))
+
+            def pair(tensor):
+                return [float(tensor.quantization.scale[0]), int(tensor.quantization.zeroPoint[0])]
+
+            found.setdefault(source.name.decode().removesuffix(".input"), []).append({
+                "signature": signatures.get(index, str(index)),
+                "activations": type_names[source.type],
+                "input": pair(source),
+                "output": pair(written),
+                "output_type": type_names[written.type],
+                "filter": subgraph.tensors[op.inputs[1]].name.decode(),
+                "quantized_by": None if producer is None else op_names[_builtin(model, producer)],
+                "dequantized_by": None if reader is None else op_names[_builtin(model, reader)],
+            })
+    return found
+
+
 def input_name(weight: str) -> str:
     """The signature input a planned weight is converted as (lower.convert): an identifier, as torch.export needs."""
     return "weight__" + weight.replace(".", "__")
@@ -345,7 +447,6 @@ def encode(flatbuffer: bytes, plan: QuantPlan) -> bytes:
     import flatbuffers
 
     check_encodable(plan)
-    activation_ranges(plan)
     s = schema()
     model = s.ModelT.InitFromPackedBuf(flatbuffer, 0)
     op_names = _op_names()
@@ -360,6 +461,10 @@ def encode(flatbuffer: bytes, plan: QuantPlan) -> bytes:
         dynamic = [name for name in names if plan.weights[name].activations]
         # the embedding's use of a tied lm_head's integers keeps float activations
         some_weight_only = len(dynamic) < len(names)
+        static = [name for name in dynamic if is_static(plan.weights[name].activations)]
+        if static and len(dynamic) > 1:
+            raise QwenMobileError(f"{static[0]}: shares its integers with {len(dynamic) - 1} other linears; static "
+                                  "activation ranges are the tflite backend's per linear")
         keys = {input_name(name): name for name in names}
         stored = _Stored(model, weight)
         found = False
@@ -384,17 +489,20 @@ def encode(flatbuffer: bytes, plan: QuantPlan) -> bytes:
                 if dynamic and not filters:
                     raise QwenMobileError(
                         f"{dynamic[0]}: no FULLY_CONNECTED takes it as its filter {where}; the tflite backend "
-                        "quantizes activations dynamically only there"
+                        "quantizes activations only there"
                     )
                 if dynamic and (lookups or floats) and not some_weight_only:
                     raise QwenMobileError(
                         f"{dynamic[0]}: {op_names[_builtin(model, (lookups + floats)[0])]} takes it {where}; the tflite "
-                        "backend quantizes activations dynamically only in FULLY_CONNECTED"
+                        "backend quantizes activations only in FULLY_CONNECTED"
                     )
 
                 # the input itself becomes the constant of the plan's integers, which the direct consumers take
                 subgraph.tensors[user] = stored.primary(subgraph, name)
                 for op in filters:
+                    if static:
+                        _static_fully_connected(model, subgraph, op, static[0], plan.activation_ranges[static[0]])
+                        continue
                     op.builtinOptions.asymmetricQuantizeInputs = True
                     if stored.form == PER_CHANNEL:
                         op.opcodeIndex = _opcode_index(model, fully_connected, HYBRID_FULLY_CONNECTED_VERSION)

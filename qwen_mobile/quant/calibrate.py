@@ -171,12 +171,27 @@ def calibrated_plan(
     size_budget: float | None = None,
     calibration: str | None = None,
     options=None,
+    ranges: str | None = None,
 ):
     """The plan `qwen-mobile export` encodes: `method` rtn (plan.make_plan, unchanged) or gptq
     (quant/gptq.py), with `keep_8bit` weight names or "auto" at 8 bits per channel
     (quant/mixed.py; `size_budget` bounds auto, default +10% over the 4-bit bytes). `samples`
-    are load_calibration's token ids, needed by gptq and auto; `calibration` names the set they
-    came from, for the plan's record. Bad requests are one-line QwenMobileErrors naming the flag."""
+    are load_calibration's token ids, needed by gptq, auto and the static-activation schemes
+    (a8w8, a16w8), whose ranges `ranges` chooses (quant/static.py); `calibration` names the set
+    they came from, for the plan's record. Bad requests are one-line QwenMobileErrors naming the flag."""
+    from qwen_mobile.quant.static import activation_ranges, check_ranges_flag
+
+    ranges = check_ranges_flag(ranges, scheme)
+    plan = _weight_plan(model, scheme, method, samples, keep_8bit, size_budget, calibration, options)
+    if ranges is not None:
+        plan.activation_ranges = activation_ranges(model, plan, samples or [], ranges)
+        plan.calibration = {**(plan.calibration or {}), **calibration_summary(calibration or "given", samples),
+                            "ranges": ranges}
+    return plan
+
+
+def _weight_plan(model, scheme, method, samples, keep_8bit, size_budget, calibration, options):
+    """calibrated_plan's weights: rtn, gptq or mixed precision."""
     from qwen_mobile.quant.gptq import gptq_plan
     from qwen_mobile.quant.mixed import DEFAULT_SIZE_BUDGET, mixed_plan
     from qwen_mobile.quant.plan import make_plan

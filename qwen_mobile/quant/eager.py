@@ -1,7 +1,9 @@
 """A plan applied to the eager model: the reference a quantized artifact is gated against.
 
-Same dequantized weights, same dynamic activation quantization: whatever error is left
-between this and an artifact was added by the lowering, not by the quantization.
+Same dequantized weights, same dynamic activation quantization, and for static activations
+(a8w8, a16w8) the same integer linear, rounded where and as the artifact's kernels round
+(quant/static.py static_linear): whatever error is left between this and an artifact was
+added by the lowering, not by the quantization.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .plan import QuantPlan, planned_modules, replaced_weights
+from .static import StaticRange, is_static, static_linear
 
 INT8_ASYMMETRIC_PER_TOKEN = "int8_asymmetric_per_token"
 
@@ -40,12 +43,23 @@ def _linear_on_quantized_tokens(self: nn.Linear, x: torch.Tensor) -> torch.Tenso
     return F.linear(quantize_per_token(x), self.weight, self.bias)
 
 
+def _perturbed(x: torch.Tensor, seed: int, ulps: float) -> torch.Tensor:
+    # a hash of each value's bits, so that equal inputs are rounded equally, as by a real kernel
+    bits = x.float().contiguous().view(torch.int32).to(torch.int64)
+    uniform = ((bits * 2654435761 + seed * 40503) % 65536).to(x.dtype) / 32767.5 - 1
+    return x * (1 + uniform * ulps * 2.0**-23)
+
+
 def _perturbed_linear(seed: int, ulps: float):
     def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        # a hash of each value's bits, so that equal inputs are rounded equally, as by a real kernel
-        bits = x.float().contiguous().view(torch.int32).to(torch.int64)
-        uniform = ((bits * 2654435761 + seed * 40503) % 65536).to(x.dtype) / 32767.5 - 1
-        return F.linear(quantize_per_token(x * (1 + uniform * ulps * 2.0**-23)), self.weight, self.bias)
+        return F.linear(quantize_per_token(_perturbed(x, seed, ulps)), self.weight, self.bias)
+
+    return forward
+
+
+def _static_linear(qdata: torch.Tensor, scale: torch.Tensor, spec: StaticRange, jitter: tuple[int, float] | None):
+    def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return static_linear(x if jitter is None else _perturbed(x, *jitter), qdata, scale, spec)
 
     return forward
 
@@ -55,15 +69,20 @@ def dequantized(model: nn.Module, plan: QuantPlan, jitter: tuple[int, float] | N
     """Inside the block, `model` computes with the plan's dequantized weights and fake-quantized
     activations; its float weights come back afterwards (see replaced_weights).
 
-    jitter (seed, ulps): every activation entering a dynamic quantizer is first moved by up to
+    jitter (seed, ulps): every activation entering a dynamic or static quantizer is first moved by up to
     `ulps` units in the last place, pseudo-randomly but as a function of its value: what another
     correct fp32 kernel's summation order does to it. The parity gate measures its noise floor
     with this (parity.noise_floor)."""
     for name, weight in plan.weights.items():
-        if weight.activations not in (None, INT8_ASYMMETRIC_PER_TOKEN):
+        if weight.activations not in (None, INT8_ASYMMETRIC_PER_TOKEN) and not is_static(weight.activations):
             raise ValueError(f"{name}: unknown activation quantization {weight.activations!r}")
+        if is_static(weight.activations) and name not in plan.activation_ranges:
+            raise ValueError(f"{name}: static activations without a range in the plan")
     modules = planned_modules(model)
-    on_quantized_tokens = [modules[name] for name, weight in plan.weights.items() if weight.activations]
+    on_quantized_tokens = [modules[name] for name, weight in plan.weights.items()
+                           if weight.activations == INT8_ASYMMETRIC_PER_TOKEN]
+    on_static_ranges = {modules[name]: _static_linear(weight.qdata, weight.scale, plan.activation_ranges[name], jitter)
+                        for name, weight in plan.weights.items() if is_static(weight.activations)}
     by_integers = {}  # a tied lm_head shares the embedding's integers: dequantize them once
     for weight in plan.weights.values():
         if id(weight.qdata) not in by_integers:
@@ -73,7 +92,10 @@ def dequantized(model: nn.Module, plan: QuantPlan, jitter: tuple[int, float] | N
         try:
             for module in on_quantized_tokens:
                 module.forward = types.MethodType(forward, module)
+            for module, static_forward in on_static_ranges.items():
+                module.forward = types.MethodType(static_forward, module)
             yield model
         finally:
-            for module in on_quantized_tokens:
-                del module.forward
+            for module in [*on_quantized_tokens, *on_static_ranges]:
+                if "forward" in vars(module):
+                    del module.forward

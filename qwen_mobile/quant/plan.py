@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from qwen_mobile.errors import QwenMobileError
+from qwen_mobile.quant.static import StaticRange
 
 SCHEMES_PATH = Path(__file__).resolve().parent / "schemes.json"
 PLAN_FILE = "plan.safetensors"  # a calibrated plan, as a bundle carries it (save_plan / load_plan)
@@ -176,6 +177,9 @@ class QuantPlan:
     # how a calibrated plan was made: calibration set, options, and for mixed precision the
     # weights kept at 8 bits with their measured sensitivities (quant/mixed.py); None for RTN
     calibration: dict | None = None
+    # static-activation schemes (a8w8, a16w8): weight name -> its linear's input and output
+    # ranges (quant/static.py StaticRange), decided from calibration text; empty otherwise
+    activation_ranges: dict = field(default_factory=dict)
 
     def group_fallbacks(self) -> list[str]:
         """Weights whose width the scheme's group size does not divide: one scale per row instead."""
@@ -206,6 +210,9 @@ class QuantPlan:
                 for name, w in self.weights.items()
             },
             **({"calibration": self.calibration} if self.calibration else {}),
+            **({"activation_ranges": {
+                name: {"input": [r.input_scale, r.input_zero_point], "output": [r.output_scale, r.output_zero_point]}
+                for name, r in self.activation_ranges.items()}} if self.activation_ranges else {}),
         }
 
 
@@ -283,7 +290,9 @@ def save_plan(plan: QuantPlan, path: str | Path) -> Path:
     and zero points (int8) as tensors `<name>:qdata`, `<name>:scale`, `<name>:zero_point`, and
     a JSON header (metadata key qwen_mobile.quant_plan) with the scheme, method, kept-float
     linears, calibration record and each weight's bits, group size and activations. A weight
-    that shares another's integers (a tied lm_head) is stored once and says whose it holds."""
+    that shares another's integers (a tied lm_head) is stored once and says whose it holds.
+    Static activation ranges are tensors too, `<name>:input_range` and `<name>:output_range`
+    (float64 [scale, zero point]: a float32 scale and an int zero point, both exact)."""
     from safetensors.torch import save_file
 
     tensors, entries, owners = {}, {}, {}
@@ -299,6 +308,9 @@ def save_plan(plan: QuantPlan, path: str | Path) -> Path:
             "activations": weight.activations,
             "integers_of": None if owner == name else owner,
         }
+    for name, spec in plan.activation_ranges.items():
+        tensors[f"{name}:input_range"] = torch.tensor([spec.input_scale, spec.input_zero_point], dtype=torch.float64)
+        tensors[f"{name}:output_range"] = torch.tensor([spec.output_scale, spec.output_zero_point], dtype=torch.float64)
     header = {
         "format": PLAN_FORMAT,
         "scheme": asdict(plan.scheme),
@@ -306,6 +318,7 @@ def save_plan(plan: QuantPlan, path: str | Path) -> Path:
         "kept_float": list(plan.kept_float),
         "calibration": plan.calibration,
         "weights": entries,
+        "activation_ranges": {name: spec.activations for name, spec in plan.activation_ranges.items()},
     }
     path = Path(path)
     save_file(tensors, str(path), metadata={PLAN_HEADER: json.dumps(header)})
@@ -337,9 +350,14 @@ def load_plan(path: str | Path) -> QuantPlan:
                 weights[name] = QuantizedWeight(
                     qdata, scale, zero_point, entry["bits"], entry["group_size"], entry["activations"]
                 )
+            ranges = {}
+            for name, activations in header.get("activation_ranges", {}).items():
+                (input_scale, input_zero), (output_scale, output_zero) = (
+                    handle.get_tensor(f"{name}:{side}_range").tolist() for side in ("input", "output"))
+                ranges[name] = StaticRange(activations, input_scale, int(input_zero), output_scale, int(output_zero))
             return QuantPlan(
                 QuantScheme(**header["scheme"]), weights, list(header["kept_float"]), header["method"],
-                header["calibration"],
+                header["calibration"], ranges,
             )
     except (SafetensorError, OSError) as error:
         raise QwenMobileError(f"{path}: not a readable safetensors file ({error})") from None
