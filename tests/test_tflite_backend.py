@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from qwen_mobile.backends.tflite import BACKEND, lower, npu_report, quantize, runtime, swaps
-from qwen_mobile.bundle import gate_bundle, validate_manifest
+from qwen_mobile.bundle import gate_bundle, sha256, validate_manifest
 from qwen_mobile.checkpoint import load, stop_token_ids
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.export import export_bundle
@@ -245,7 +245,7 @@ def test_packed_weights_are_kept_in_a_file_named_by_the_artifacts_digest(exporte
     """XNNPACK's weight cache: one file per artifact, under $QWEN_MOBILE_CACHE, named by the file's
     SHA-256 (never inside the bundle, whose files the manifest's digests cover); a later load maps it."""
     path = runtime.weight_cache_path(exported / "model.tflite")
-    assert path.parent == weight_cache / "xnnpack" and path.name.startswith(runtime.file_digest(exported / "model.tflite"))
+    assert path.parent == weight_cache / "xnnpack" and path.name.startswith(sha256(exported / "model.tflite"))
     first = runtime.TFLiteModel(exported / "model.tflite", manifest["state_feeds"], manifest["max_context"])
     assert first.weight_cache == path and path.stat().st_size > 0
     assert not list(path.parent.glob("*.partial"))

@@ -21,13 +21,13 @@ are float32 and a file would be several times the artifact (backend.TFLiteBacken
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from qwen_mobile.bundle import sha256
 from qwen_mobile.errors import QwenMobileError
 
 PREFILL, DECODE = "prefill", "decode"
@@ -58,14 +58,6 @@ def first_line(error: Exception) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def weight_cache_path(artifact: Path) -> Path:
     """Where XNNPACK's packed weights for this exact file are kept: under $QWEN_MOBILE_CACHE
     (default ~/.cache/qwen-mobile), named by the file's SHA-256, as an app keeps them in its
@@ -73,7 +65,7 @@ def weight_cache_path(artifact: Path) -> Path:
     packed weights are found by the model's buffer indices, so a cache must never serve
     another file: hence the digest of the bytes themselves, not of a name or the manifest."""
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "qwen-mobile")
-    return root / "xnnpack" / f"{file_digest(artifact)}.xnnpack_cache"
+    return root / "xnnpack" / f"{sha256(artifact)}.xnnpack_cache"
 
 
 def verify_flatbuffer(path: Path) -> None:

@@ -46,8 +46,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -56,12 +56,12 @@ from qwen_mobile import progress
 from qwen_mobile.models.qwen3_5 import Qwen35
 from qwen_mobile.quant.eager import dequantized
 from qwen_mobile.quant.plan import (
-    EMBEDDINGS,
     FLOAT_LINEARS,
     QuantizedWeight,
     QuantPlan,
     QuantScheme,
     bf16_ceil,
+    bits_and_group,
     planned_modules,
     round_to_nearest,
 )
@@ -111,15 +111,7 @@ def weight_specs(
             kept_float.append(name)
             continue
         columns = module.weight.shape[1]
-        if name in keep:
-            bits, group = 8, columns
-        elif name in EMBEDDINGS:
-            bits = scheme.embedding_bits
-            group = columns if bits > scheme.weight_bits else scheme.group_size or columns
-        else:
-            bits, group = scheme.weight_bits, scheme.group_size or columns
-        if columns % group:
-            group = columns
+        bits, group = (8, columns) if name in keep else bits_and_group(scheme, name, columns)
         activations = scheme.activations if isinstance(module, nn.Linear) else None
         narrow = bits == 8 and scheme.activations is not None
         specs[name] = WeightSpec(name, bits, group, activations, narrow, EMBEDDING if tied and name == TIED_HEAD else None)

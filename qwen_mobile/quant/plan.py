@@ -241,6 +241,18 @@ def replaced_weights(model: nn.Module, weights: dict[str, torch.Tensor]):
             modules[name].weight = weight
 
 
+def bits_and_group(scheme: QuantScheme, name: str, columns: int) -> tuple[int, int]:
+    """The scheme's bits and group size for one weight: the embedding and lm_head at the
+    scheme's embedding bits (one scale per row when those are wider than the weights'), and
+    one scale per row wherever the group size does not divide the width."""
+    if name in EMBEDDINGS:
+        bits = scheme.embedding_bits
+        group = columns if bits > scheme.weight_bits else scheme.group_size or columns
+    else:
+        bits, group = scheme.weight_bits, scheme.group_size or columns
+    return bits, columns if columns % group else group
+
+
 def make_plan(model: nn.Module, scheme: QuantScheme) -> QuantPlan:
     """Round-to-nearest for every weight the scheme quantizes (an empty plan for float schemes).
 
@@ -254,14 +266,7 @@ def make_plan(model: nn.Module, scheme: QuantScheme) -> QuantPlan:
             plan.kept_float.append(name)
             continue
         weight = module.weight
-        columns = weight.shape[1]
-        if name in EMBEDDINGS:
-            bits = scheme.embedding_bits
-            group = columns if bits > scheme.weight_bits else scheme.group_size or columns
-        else:
-            bits, group = scheme.weight_bits, scheme.group_size or columns
-        if columns % group:
-            group = columns
+        bits, group = bits_and_group(scheme, name, weight.shape[1])
         activations = scheme.activations if isinstance(module, nn.Linear) else None
         tied = name == "lm_head.weight" and weight is model.embed_tokens.weight
         if tied and activations is None:
