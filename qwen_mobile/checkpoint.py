@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from qwen_mobile.config import Qwen35Config, read_config
-from qwen_mobile.errors import QwenMobileError
+from qwen_mobile.errors import QwenMobileError, first_line
 from qwen_mobile.jsonfiles import read_json
 from qwen_mobile.models.qwen3_5 import Qwen35
 
@@ -76,7 +76,7 @@ def _download(repo_id: str) -> Path:
 
         return Path(snapshot_download(repo_id, allow_patterns=CHECKPOINT_FILES))
     except Exception as error:  # offline, unknown repo, gated repo: all end the same way for the user
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise QwenMobileError(
             f"{repo_id}: could not download from the Hugging Face hub ({reason}); "
             "download it elsewhere and pass its local directory"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from qwen_mobile.errors import QwenMobileError
+from qwen_mobile.errors import QwenMobileError, first_line
 
 
 def register_llama_kernels() -> None:
@@ -43,10 +43,6 @@ def step(method, tokens: torch.Tensor, input_pos: int) -> torch.Tensor:
     except Exception as error:
         raise QwenMobileError(f"the ExecuTorch runtime failed at input_pos {input_pos} ({first_line(error)})") from None
     return logits
-
-
-def first_line(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def thread_count() -> int | None:

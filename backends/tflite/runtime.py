@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from qwen_mobile.bundle import sha256
-from qwen_mobile.errors import QwenMobileError
+from qwen_mobile.errors import QwenMobileError, first_line
 
 PREFILL, DECODE = "prefill", "decode"
 CACHE_ENV = "QWEN_MOBILE_CACHE"
@@ -52,10 +52,6 @@ def interpreter_module():
     except ImportError:
         raise QwenMobileError("the tflite backend needs ai-edge-litert (pip install ai-edge-litert)") from None
     return interpreter
-
-
-def first_line(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def weight_cache_path(artifact: Path) -> Path:

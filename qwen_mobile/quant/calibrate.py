@@ -26,7 +26,7 @@ import json
 from importlib.resources import files
 from pathlib import Path
 
-from qwen_mobile.errors import QwenMobileError
+from qwen_mobile.errors import QwenMobileError, first_line
 
 DEFAULT_SET = "default"
 DEFAULT_MAX_SAMPLES = 128
@@ -131,7 +131,7 @@ def tokenize_sample(sample: dict, tokenizer, where: str = "sample") -> list[int]
     try:
         ids = tokenizer.apply_chat_template(sample["messages"], tokenize=True, return_dict=False)
     except Exception as error:  # jinja raises its own types (a template may refuse an order of roles)
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise QwenMobileError(f"{where}: the chat template refused this conversation ({reason})") from None
     return [int(i) for i in ids]
 
