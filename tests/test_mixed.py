@@ -105,13 +105,18 @@ def test_a_calibrated_mixed_plan_survives_save_and_load(model, samples, tmp_path
     plan.calibration["keep_8bit"] = {"kept": {"layers.0.mlp.down_proj.weight": {"kl_at_4bit": 0.01}}}
     path = save_plan(plan, tmp_path / "plan.safetensors")
     assert_same_plan(load_plan(path), plan)
-    # what is stored: the shared tensor once, every weight's integers as int8
+    # what is stored: the shared tensor once, 4-bit integers two to a byte, 8-bit ones a byte each
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
         names = set(handle.keys())
         header = json.loads(handle.metadata()[PLAN_HEADER])
+        stored = {name: handle.get_slice(f"{name}:qdata").get_shape() for name in ("layers.0.mlp.down_proj.weight",
+                                                                                    "layers.0.mlp.up_proj.weight")}
     assert "lm_head.weight:qdata" not in names and header["weights"]["lm_head.weight"]["integers_of"] == "embed_tokens.weight"
+    kept, four_bit = plan.weights["layers.0.mlp.down_proj.weight"], plan.weights["layers.0.mlp.up_proj.weight"]
+    assert stored["layers.0.mlp.down_proj.weight"] == list(kept.qdata.shape) and kept.bits == 8
+    assert stored["layers.0.mlp.up_proj.weight"] == [four_bit.qdata.shape[0], (four_bit.qdata.shape[1] + 1) // 2]
     assert header["method"] == "gptq_symmetric" and header["scheme"]["name"] == "8da4w"
 
 
@@ -124,5 +129,18 @@ def test_a_file_that_is_not_a_plan_is_a_one_line_error(tmp_path):
         load_plan(other)
     broken = tmp_path / "broken.safetensors"
     save_file({"w": torch.zeros(2)}, str(broken), metadata={PLAN_HEADER: json.dumps({"format": 1, "weights": {}})})
+    with pytest.raises(QwenMobileError, match="plan format 1; this version reads 2"):
+        load_plan(broken)
+    save_file({"w": torch.zeros(2)}, str(broken), metadata={PLAN_HEADER: json.dumps({"format": 2, "weights": {"w": {}}})})
     with pytest.raises(QwenMobileError, match="not a quantization plan this version reads"):
         load_plan(broken)
+
+
+def test_four_bit_integers_pack_two_to_a_byte_and_come_back_exactly():
+    from qwen_mobile.quant.plan import pack_nibbles, unpack_nibbles
+
+    for columns in (1, 2, 7, 32):
+        qdata = torch.randint(-8, 8, (5, columns), dtype=torch.int8)
+        packed = pack_nibbles(qdata)
+        assert packed.dtype == torch.uint8 and packed.shape == (5, (columns + 1) // 2)
+        assert torch.equal(unpack_nibbles(packed, columns), qdata)

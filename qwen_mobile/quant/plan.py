@@ -286,13 +286,28 @@ def make_plan(model: nn.Module, scheme: QuantScheme) -> QuantPlan:
 
 # --- a plan on disk: what a bundle carries so `verify` checks against it instead of re-deciding it
 
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2  # 2: integers of 4 bits or fewer stored two to a byte
 PLAN_HEADER = "qwen_mobile.quant_plan"
 
 
+def pack_nibbles(qdata: torch.Tensor) -> torch.Tensor:
+    """int8 values in [-8, 7], two to a byte (the even column in the low nibble); an odd last
+    column is padded with 0."""
+    flat = qdata.reshape(qdata.shape[0], -1).to(torch.int16) & 0xF
+    if flat.shape[1] % 2:
+        flat = torch.nn.functional.pad(flat, (0, 1))
+    return (flat[:, 0::2] | (flat[:, 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_nibbles(packed: torch.Tensor, columns: int) -> torch.Tensor:
+    nibbles = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)[:, :columns]
+    return (nibbles.to(torch.int16) ^ 8).sub(8).to(torch.int8)  # sign-extend the 4-bit two's complement
+
+
 def save_plan(plan: QuantPlan, path: str | Path) -> Path:
-    """Write `plan` as one safetensors file: each weight's integers (int8), scales (float32)
-    and zero points (int8) as tensors `<name>:qdata`, `<name>:scale`, `<name>:zero_point`, and
+    """Write `plan` as one safetensors file: each weight's integers (int8, or two to a uint8 for
+    4 bits and fewer: pack_nibbles), scales (float32) and zero points (int8) as tensors
+    `<name>:qdata`, `<name>:scale`, `<name>:zero_point`, and
     a JSON header (metadata key qwen_mobile.quant_plan) with the scheme, method, kept-float
     linears, calibration record and each weight's bits, group size and activations. A weight
     that shares another's integers (a tied lm_head) is stored once and says whose it holds.
@@ -304,7 +319,7 @@ def save_plan(plan: QuantPlan, path: str | Path) -> Path:
     for name, weight in plan.weights.items():
         owner = owners.setdefault(id(weight.qdata), name)
         if owner == name:
-            tensors[f"{name}:qdata"] = weight.qdata.contiguous()
+            tensors[f"{name}:qdata"] = (pack_nibbles(weight.qdata) if weight.bits <= 4 else weight.qdata).contiguous()
             tensors[f"{name}:scale"] = weight.scale.float().contiguous()
             tensors[f"{name}:zero_point"] = weight.zero_point.contiguous()
         entries[name] = {
@@ -312,6 +327,7 @@ def save_plan(plan: QuantPlan, path: str | Path) -> Path:
             "group_size": weight.group_size,
             "activations": weight.activations,
             "integers_of": None if owner == name else owner,
+            "shape": list(weight.qdata.shape),
         }
     for name, spec in plan.activation_ranges.items():
         tensors[f"{name}:input_range"] = torch.tensor([spec.input_scale, spec.input_zero_point], dtype=torch.float64)
@@ -348,6 +364,10 @@ def load_plan(path: str | Path) -> QuantPlan:
                 owner = entry["integers_of"]
                 if owner is None:
                     qdata, scale, zero_point = (handle.get_tensor(f"{name}:{part}") for part in ("qdata", "scale", "zero_point"))
+                    if entry["bits"] <= 4:
+                        qdata = unpack_nibbles(qdata, entry["shape"][1])
+                    if list(qdata.shape) != entry["shape"]:
+                        raise ValueError(f"{name}: integers of shape {list(qdata.shape)}, the header says {entry['shape']}")
                 else:
                     if owner not in weights:
                         raise QwenMobileError(f"{path}: {name} shares the integers of {owner}, which comes later or not at all")
