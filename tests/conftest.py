@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from qwen_mobile.checkpoint import EMBEDDED_MODEL
+from qwen_mobile.checkpoint import EMBEDDED_MODEL, load
 
 # Configurations the faithfulness bar names, beside the embedded model:
 # - "grouped3": 3 value heads per key head, untied embeddings, 6 layers (not a multiple of 4),
@@ -34,6 +34,12 @@ TEXT_CONFIGS = {
     ),
 }
 VISION_CONFIG = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48, patch_size=4)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The embedded model, loaded once per test module (a module may swap its weights for a while)."""
+    return load(None).model.eval()
 
 
 def perturb_(model: torch.nn.Module, seed: int) -> None:

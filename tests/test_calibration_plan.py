@@ -3,16 +3,12 @@
 import pytest
 import torch
 
-from qwen_mobile.checkpoint import EMBEDDED_MODEL, load
+from qwen_mobile.checkpoint import EMBEDDED_MODEL
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.generate import load_tokenizer
 from qwen_mobile.quant.calibrate import calibrated_plan, load_calibration
 from qwen_mobile.quant.plan import make_plan, resolve_scheme
 
-
-@pytest.fixture(scope="module")
-def model():
-    return load(None).model.eval()
 
 
 @pytest.fixture(scope="module")

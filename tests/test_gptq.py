@@ -27,10 +27,6 @@ SCHEMES = [("int4", {}), ("8da4w", {}), ("int8", {}), ("8da8w", {}), ("int4", {"
            ("int4", {"group_size": 64})]
 
 
-@pytest.fixture(scope="module")
-def model():
-    return load(None).model.eval()
-
 
 @pytest.fixture(scope="module")
 def samples():

@@ -6,16 +6,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qwen_mobile.checkpoint import load
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.quant.gptq import gptq_plan, rtn_plan
 from qwen_mobile.quant.mixed import added_bytes, choose_8bit, mixed_plan, plan_bytes
 from qwen_mobile.quant.plan import PLAN_HEADER, QuantPlan, load_plan, make_plan, resolve_scheme, save_plan
 
-
-@pytest.fixture(scope="module")
-def model():
-    return load(None).model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,6 @@ from qwen_mobile.quant.plan import (
 )
 
 
-@pytest.fixture(scope="module")
-def model():
-    return load(None).model
-
 
 @settings(max_examples=25, deadline=None)
 @given(bits=st.sampled_from([4, 8]), groups=st.integers(1, 4), group=st.sampled_from([32, 64]), seed=st.integers(0, 99))
