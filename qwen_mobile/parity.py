@@ -18,8 +18,13 @@ fed identically, by the gate the plan calls for (`gate_for`):
   Those flips compound through the layers and the recurrent state, more so the larger and
   flatter the model, so a plan with dynamic activations also has its noise floor measured
   on the checkpoint being exported (noise_floor: the plan in eager again with every
-  quantized activation moved by a few ulps, FLOOR_SAMPLES times), and the bars widen to
-  FLOOR_FACTOR times the worst it saw, never narrower than the fixed bars. What the floor
+  quantized activation moved by a few ulps, FLOOR_SAMPLES times). The relative bar widens to
+  FLOOR_FACTOR times the worst sample, never narrower than the fixed bar; the mean KL
+  against the plan gets a bar of FLOOR_FACTOR times the worst sample's (the most sensitive
+  check: a mean over positions, steady from sample to sample where single argmaxes are
+  not); top-1 gets the bar a correct program misses with probability below FALSE_REFUSAL
+  (top1_bar: the floor's pooled flip rate, bounded above, then the binomial tail), since
+  on near-flat logits each position's argmax is a coin toss a right program may lose. What the floor
   hides (a scale off by a few percent, two int4 values swapped) the weight check sees: a
   backend that can read its artifact's weights back (Backend.missing_weights) has every
   planned integer and scale compared with the plan, exactly;
@@ -28,8 +33,10 @@ fed identically, by the gate the plan calls for (`gate_for`):
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from statistics import NormalDist
 
 import torch
 
@@ -53,8 +60,10 @@ Spans = list[tuple[int, int]]
 # the quantized gate's noise floor (see the module doc)
 FLOOR_SAMPLES = 4
 FLOOR_ULPS = 2.0
-FLOOR_FACTOR = 2.0  # the relative-difference bar: this times the worst floor sample
-FLOOR_TOP1_SLACK = 0.02  # the top-1 bar: the worst floor sample's agreement, less two positions in a hundred
+FLOOR_FACTOR = 2.0  # the relative-difference and mean-KL bars: this times the worst floor sample
+# the top-1 bar's chance of refusing a correct program, split evenly between the flip rate's estimate
+# (from FLOOR_SAMPLES x positions) and the artifact's own draw of flips
+FALSE_REFUSAL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,7 @@ class Gate:
     tolerance: float | None  # max |diff| as a fraction of the reference logits' std
     max_relative_diff: float | None  # max over positions of ||diff|| / ||reference||
     min_top1: float | None  # least top-1 agreement with the reference
+    max_mean_kl: float | None = None  # most mean KL(reference || artifact): set from a noise floor
 
 
 @dataclass(frozen=True)
@@ -73,19 +83,47 @@ class NoiseFloor:
     relative_diffs: list[float]
     top1_agreements: list[float]
     mean_kls: list[float]
+    positions: int  # compared per sample
 
     def widened(self, gate: Gate) -> Gate:
         return Gate(
             gate.reference,
             gate.tolerance,
             max(gate.max_relative_diff, FLOOR_FACTOR * max(self.relative_diffs)),
-            min(gate.min_top1, min(self.top1_agreements) - FLOOR_TOP1_SLACK),
+            min(gate.min_top1, top1_bar(self.top1_agreements, self.positions)),
+            FLOOR_FACTOR * max(self.mean_kls),
         )
 
     def to_manifest(self) -> dict:
         return {"samples": len(self.relative_diffs), "ulps": FLOOR_ULPS, "factor": FLOOR_FACTOR,
+                "false_refusal": FALSE_REFUSAL, "positions": self.positions,
                 "relative_diffs": self.relative_diffs, "top1_agreements": self.top1_agreements,
                 "mean_kls": self.mean_kls}
+
+
+def top1_bar(agreements: list[float], positions: int) -> float:
+    """The least top-1 agreement over `positions` that a correct program reaches but with
+    probability FALSE_REFUSAL, given the floor samples' agreements over as many positions.
+
+    A correct program's disagreements are a sum of independent per-position flips, whose spread
+    is at most a binomial's of the same mean; the mean flip rate is bounded above from the pooled
+    samples (Wilson's score bound, one-sided at FALSE_REFUSAL / 2), then the artifact may
+    disagree at as many positions as that binomial exceeds with probability at most
+    FALSE_REFUSAL / 2. Plain arithmetic (no scipy here): two closed forms and a tail sum."""
+    trials = len(agreements) * positions
+    flips = sum(round((1 - agreement) * positions) for agreement in agreements)
+    z = NormalDist().inv_cdf(1 - FALSE_REFUSAL / 2)
+    rate = flips / trials
+    centre = rate + z * z / (2 * trials)
+    spread = z * math.sqrt(rate * (1 - rate) / trials + z * z / (4 * trials * trials))
+    bound = min(1.0, (centre + spread) / (1 + z * z / trials))
+    allowed, tail = positions, 0.0  # tail: P(more than `allowed` flips), summed from the top down
+    while allowed > 0:
+        tail += math.comb(positions, allowed) * bound**allowed * (1 - bound) ** (positions - allowed)
+        if tail > FALSE_REFUSAL / 2:
+            break
+        allowed -= 1
+    return 1 - allowed / positions
 
 
 FLOAT_GATE = Gate("float eager model", tolerance=1e-3, max_relative_diff=None, min_top1=None)
@@ -124,6 +162,7 @@ class Parity:
     reset_allowed: float
     versus_float: dict | None  # quantized artifacts: mean KL and top-1 against the float model
     mean_kl: float  # of the next-token distributions, against the reference
+    max_mean_kl: float | None
     noise_floor: dict | None  # plans with dynamic activations: what the bars were widened from
 
     @property
@@ -131,6 +170,7 @@ class Parity:
         # each comparison is written so that a NaN fails it
         close = self.tolerance is None or bool(self.ratio_to_std <= self.tolerance)
         close = close and (self.max_relative_diff is None or bool(self.relative_diff <= self.max_relative_diff))
+        close = close and (self.max_mean_kl is None or bool(self.mean_kl <= self.max_mean_kl))
         agrees = self.min_top1 is None or bool(self.top1_agreement >= self.min_top1)
         return close and agrees and bool(self.reset_max_abs_diff <= self.reset_allowed)
 
@@ -138,9 +178,10 @@ class Parity:
         allowed = f" (allowed {self.tolerance:g})" if self.tolerance is not None else ""
         relative = f" (allowed {self.max_relative_diff:g})" if self.max_relative_diff is not None else ""
         top1 = f" (needs {self.min_top1:g})" if self.min_top1 is not None else ""
+        kl = f", mean KL {self.mean_kl:.3g} (allowed {self.max_mean_kl:.3g})" if self.max_mean_kl is not None else ""
         return (
             f"vs the {self.reference}: max|diff| {self.max_abs_diff:.3g} = {self.ratio_to_std:.3g} x std{allowed}, "
-            f"relative difference {self.relative_diff:.3g}{relative}, "
+            f"relative difference {self.relative_diff:.3g}{relative}{kl}, "
             f"top-1 agreement {self.top1_agreement:.3f}{top1} over {self.positions_checked} positions, "
             f"after reset {self.reset_max_abs_diff:.3g} (allowed {self.reset_allowed:.3g})"
         )
@@ -268,7 +309,7 @@ def noise_floor(model: Qwen35, plan: QuantPlan, tokens: torch.Tensor, spans: Spa
                 jittered = reference_logits(model, tokens, spans, max_context)
             samples.append((relative_diff(logits, jittered), top1_agreement(logits, jittered), mean_kl(logits, jittered)))
     relative, top1, kl = (list(values) for values in zip(*samples))
-    return NoiseFloor(relative, top1, kl)
+    return NoiseFloor(relative, top1, kl, len(spans))
 
 
 def run_pass(runner: Runner, tokens: torch.Tensor, spans: Spans) -> torch.Tensor:
@@ -309,6 +350,7 @@ def compare(runner: Runner, refs: References) -> Parity:
             if refs.quantized or gate is REDUCED_PRECISION_GATE else None
         ),
         mean_kl=mean_kl(reference, first),
+        max_mean_kl=gate.max_mean_kl,
         noise_floor=None if refs.noise_floor is None else refs.noise_floor.to_manifest(),
     )
 

@@ -217,7 +217,8 @@ def measure_all(bundle: Path, source: str | None = None) -> list[dict]:
 
 def summary(parity: dict) -> dict:
     return {key: parity.get(key) for key in ("passed", "relative_diff", "max_relative_diff", "top1_agreement",
-                                            "min_top1", "mean_kl", "reset_max_abs_diff", "reset_allowed")} | {
+                                            "min_top1", "mean_kl", "max_mean_kl", "reset_max_abs_diff",
+                                            "reset_allowed")} | {
         "weights_differ": (parity.get("weights") or {}).get("differ")}
 
 
@@ -227,12 +228,13 @@ def main(argv=None) -> int:
     parser.add_argument("--source")
     args = parser.parse_args(argv)
     rows = measure_all(args.bundle, args.source)
-    print("| mutant | expected | gate | relative diff (bar) | top-1 (bar) | mean KL | after reset (allowed) | weights differ |")
+    print("| mutant | expected | gate | relative diff (bar) | top-1 (bar) | mean KL (bar) | after reset (allowed) "
+          "| weights differ |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print(f"| {row['mutant']} | {row['expect']} | {'pass' if row['passed'] else 'refused'} "
               f"| {row['relative_diff']:.4f} ({row['max_relative_diff']:.4f}) | {row['top1_agreement']:.3f} "
-              f"({row['min_top1']:.3f}) | {row['mean_kl']:.2e} | {row['reset_max_abs_diff']:.3g} "
+              f"({row['min_top1']:.3f}) | {row['mean_kl']:.2e} ({row['max_mean_kl']:.2e}) | {row['reset_max_abs_diff']:.3g} "
               f"({row['reset_allowed']:.3g}) | {', '.join(row['weights_differ'] or []) or '-'} |")
     wrong = [row["mutant"] for row in rows if (row["expect"] == "pass") != bool(row["passed"])]
     if wrong:

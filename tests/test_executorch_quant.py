@@ -10,6 +10,7 @@ import torch
 from qwen_mobile.backends.executorch import BACKEND
 from qwen_mobile.bundle import gate_bundle
 from qwen_mobile.checkpoint import load
+from qwen_mobile.parity import top1_bar
 from qwen_mobile.quant.plan import make_plan, resolve_scheme, scheme_from_manifest
 
 
@@ -59,6 +60,8 @@ def test_the_program_matches_the_plan_in_eager_and_reports_against_float(exporte
     floor = gate["noise_floor"]
     assert gate["max_relative_diff"] == max(2e-2, 2 * max(floor["relative_diffs"])) and floor["samples"] == 4
     assert gate["relative_diff"] <= gate["max_relative_diff"] and gate["top1_agreement"] >= 0.99
+    assert gate["max_mean_kl"] == 2 * max(floor["mean_kls"]) and gate["mean_kl"] <= gate["max_mean_kl"]
+    assert gate["min_top1"] == min(0.99, top1_bar(floor["top1_agreements"], floor["positions"]))
     assert gate["weights"] == {"checked": len(json.loads((exported / "manifest.json").read_text())["quant"]["layers"]),
                                "differ": []}
     assert gate["positions_checked"] >= 100 and gate["tokens_fed"] >= 64

@@ -36,5 +36,6 @@ def test_every_structural_mutant_fails_the_numeric_gate(rows):
     structural = {name: row for name, row in rows.items() if row["kind"] == "eager" and row["expect"] == "refuse"}
     assert len(structural) == 5
     for name, row in structural.items():
-        numeric = row["relative_diff"] > row["max_relative_diff"] or row["top1_agreement"] < row["min_top1"]
+        numeric = (row["relative_diff"] > row["max_relative_diff"] or row["top1_agreement"] < row["min_top1"]
+                   or row["mean_kl"] > row["max_mean_kl"])
         assert not row["passed"] and (numeric or row["reset_max_abs_diff"] > row["reset_allowed"]), (name, row)

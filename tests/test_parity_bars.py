@@ -1,0 +1,58 @@
+"""The quantized gate's top-1 bar (parity.top1_bar) as a statistical test: simulated correct
+programs, whose per-position argmax flips come from the same near-tie probabilities as the
+noise floor's samples, are refused at most at the stated rate, while programs that flip at a
+clearly higher rate are refused; and the bar moves the right way with the floor."""
+
+import random
+
+import pytest
+
+from qwen_mobile.parity import FALSE_REFUSAL, FLOOR_SAMPLES, top1_bar
+
+POSITIONS = 100
+TRIALS = 20_000
+
+
+def flip_profile(kind: str, rng: random.Random) -> list[float]:
+    """Per-position flip probabilities: a peaked model (few near-ties), a flat one (many), none."""
+    if kind == "none":
+        return [0.0] * POSITIONS
+    if kind == "peaked":
+        return [0.4 if rng.random() < 0.03 else 0.0 for _ in range(POSITIONS)]
+    return [rng.uniform(0.2, 0.6) if rng.random() < 0.4 else 0.01 for _ in range(POSITIONS)]
+
+
+def agreement(flips: list[float], rng: random.Random, extra: float = 0.0) -> float:
+    return sum(rng.random() >= min(1.0, p + extra) for p in flips) / POSITIONS
+
+
+def refusals(kind: str, extra: float, seed: int) -> float:
+    rng = random.Random(seed)
+    profile = flip_profile(kind, rng)
+    bars: dict[tuple, float] = {}
+    refused = 0
+    for _ in range(TRIALS):
+        floor = tuple(sorted(agreement(profile, rng) for _ in range(FLOOR_SAMPLES)))
+        bar = bars.setdefault(floor, min(0.99, top1_bar(list(floor), POSITIONS)))
+        refused += agreement(profile, rng, extra) < bar
+    return refused / TRIALS
+
+
+@pytest.mark.parametrize("kind", ["none", "peaked", "flat"])
+def test_a_correct_program_is_refused_at_most_at_the_stated_rate(kind):
+    # Monte Carlo: 20,000 trials at 1e-3 would expect 20; the binomial bound is conservative, so fewer
+    assert refusals(kind, 0.0, seed=1) <= 2 * FALSE_REFUSAL
+
+
+# the top-1 bar is the coarse check (the mean KL bar is the sensitive one): measured, it refuses
+# nine in ten programs that flip 15 (no near-ties), 20 (a few) or 30 (many) more positions in 100
+@pytest.mark.parametrize("kind,extra", [("none", 0.15), ("peaked", 0.2), ("flat", 0.3)])
+def test_a_program_flipping_more_often_than_its_floor_is_refused(kind, extra):
+    assert refusals(kind, extra, seed=2) > 0.9
+
+
+def test_the_bar_falls_as_the_floor_flips_more_and_never_leaves_zero_to_one():
+    bars = [top1_bar([1 - flips / POSITIONS] * FLOOR_SAMPLES, POSITIONS) for flips in range(0, POSITIONS + 1, 5)]
+    assert all(a >= b for a, b in zip(bars, bars[1:])) and 0.85 < bars[0] < 1 and bars[-1] == 0
+    # more positions compared, less relative slack for the same flip rate
+    assert top1_bar([0.9] * FLOOR_SAMPLES, 400) > top1_bar([0.9] * FLOOR_SAMPLES, 100)
