@@ -6,18 +6,19 @@ both files then run through the backend's runner in both runtimes, and the gate'
 reads the integers back from where the offsets point. Small modules cover the other stored forms.
 """
 
+import itertools
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_tflite_quant import TOKENS, Small, Tied, convert, interpreters
 
 from qwen_mobile.backends.tflite import BACKEND, lower, npu_report, quantize, runtime
 from qwen_mobile.checkpoint import load
 from qwen_mobile.export import export_bundle
 from qwen_mobile.quant.plan import make_plan, resolve_scheme
-from test_tflite_quant import TOKENS, Small, Tied, convert, interpreters
 
 SCHEME = "8da4w"
 MUTATED = "layers.1.mlp.down_proj.weight"
@@ -75,7 +76,7 @@ def test_the_planned_weights_lie_after_the_flatbuffer_at_aligned_offsets(inline,
     assert planned and all(model.buffers[i].offset > 1 for i in planned)
     assert all(b.data is None and b.size > 0 and b.offset % quantize.BUFFER_ALIGNMENT == 0 for b in outside_buffers)
     spans = sorted((b.offset, b.offset + b.size) for b in outside_buffers)
-    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))  # no two overlap
+    assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans))  # no two overlap
     assert spans[-1][1] + quantize.BUFFER_ALIGNMENT <= len(written)  # zeros after the last, as XNNPACK may read on
     names = {m.name: m.buffer for m in model.metadata}
     assert bytes(model.buffers[names[quantize.BUFFER_LOCATION_METADATA]].data) == b"outside flatbuffers"
