@@ -81,6 +81,18 @@ QUANTIZE_VERSIONS, DEQUANTIZE_VERSIONS = {"int8": 1, "int16": 2}, {"int8": 2, "i
 XNNPACK_BLOCK_MULTIPLE = 32
 BUILTIN_BLOCKWISE_MIN_ROWS, BUILTIN_BLOCKWISE_MIN_COLUMNS = 4, 32
 FP16_SMALLEST_NORMAL = 2.0**-14
+# flatbuffers address everything with signed 32-bit offsets, so the Python Builder stops at 2 GiB.
+# Past INLINE_LIMIT bytes of buffer data (the rest, about 256 MiB of headroom, is for the
+# structure: tensors, ops, per-channel scales and zero points, in both signatures) the constant
+# buffers are written after the flatbuffer instead (`serialize`).
+FLATBUFFER_MAX_BYTES = 2**31 - 1
+INLINE_LIMIT = FLATBUFFER_MAX_BYTES - 2**28
+# TFLite's layout for buffers outside the flatbuffer (schema.fbs, Buffer.offset / size; the
+# converter's use_buffer_offset): each starts 16-byte aligned, the last is followed by 16 zero
+# bytes (XNNPACK's kernels may read up to 16 bytes past a weight), and a metadata entry of this
+# name tells tools reading a tflite::Model without its file that the weights are not in it
+BUFFER_ALIGNMENT = 16
+BUFFER_LOCATION_METADATA = b"buffer_location"
 
 PER_CHANNEL, BLOCKWISE, GROUPED = "per_channel", "blockwise", "grouped"
 
@@ -441,11 +453,10 @@ class _Stored:
         ]
 
 
-def encode(flatbuffer: bytes, plan: QuantPlan) -> bytes:
+def encode(flatbuffer: bytes, plan: QuantPlan, inline_limit: int = INLINE_LIMIT) -> bytes:
     """The converted flatbuffer with every planned weight, converted as a signature input, made a
-    constant of the plan's integers (see module doc) and dropped from the signatures' inputs."""
-    import flatbuffers
-
+    constant of the plan's integers (see module doc) and dropped from the signatures' inputs;
+    laid out by `serialize` (the buffers after the flatbuffer past `inline_limit` bytes of them)."""
     check_encodable(plan)
     s = schema()
     model = s.ModelT.InitFromPackedBuf(flatbuffer, 0)
@@ -520,9 +531,56 @@ def encode(flatbuffer: bytes, plan: QuantPlan) -> bytes:
         if not found:
             raise QwenMobileError(f"{names[0]}: the converted model takes no input for the plan's weight")
 
-    builder = flatbuffers.Builder(len(flatbuffer))
+    return serialize(model, inline_limit)
+
+
+def _pack(model) -> bytes:
+    import flatbuffers
+
+    builder = flatbuffers.Builder(1024)
     builder.Finish(model.Pack(builder), file_identifier=TFLITE_FILE_IDENTIFIER)
     return bytes(builder.Output())
+
+
+def _aligned(size: int) -> int:
+    return size + -size % BUFFER_ALIGNMENT
+
+
+def serialize(model, inline_limit: int = INLINE_LIMIT) -> bytes:
+    """The model as a .tflite file. Up to `inline_limit` bytes of buffer data, one flatbuffer holding
+    everything. Past it, TFLite's layout for models over flatbuffers' 2 GiB: the flatbuffer, then
+    the data of every buffer a tensor refers to, each at its Buffer.offset from the start of the
+    file (see BUFFER_ALIGNMENT); metadata buffers stay inline, as the converter leaves them (the
+    runtime reads min_runtime_version from the flatbuffer itself). The model's buffers are moved
+    out of it in that case: it is the caller's to give up."""
+    if sum(len(buffer.data) for buffer in model.buffers if buffer.data is not None) <= inline_limit:
+        return _pack(model)
+    s = schema()
+    used = {int(tensor.buffer) for subgraph in model.subgraphs for tensor in subgraph.tensors}
+    outside = [index for index in sorted(used) if index and model.buffers[index].data is not None
+               and len(model.buffers[index].data)]
+    data = {}
+    for index in outside:
+        buffer = model.buffers[index]
+        data[index], buffer.data, buffer.size = buffer.data, None, len(buffer.data)
+        buffer.offset = 1  # a placeholder: nonzero, so the field is written and the second pack is the same size
+    metadata = s.MetadataT()
+    metadata.name, metadata.buffer = BUFFER_LOCATION_METADATA, _add_buffer(model, b"outside flatbuffers")
+    model.metadata = [*(model.metadata or []), metadata]
+    start = _aligned(len(_pack(model)))
+    position = start
+    for index in outside:
+        model.buffers[index].offset = position
+        position = _aligned(position + model.buffers[index].size)
+    flatbuffer = _pack(model)
+    if _aligned(len(flatbuffer)) != start:
+        raise AssertionError("the flatbuffer changed size when its buffer offsets were set")
+    parts = [flatbuffer, bytes(start - len(flatbuffer))]
+    for index in outside:
+        size = model.buffers[index].size
+        parts += [memoryview(data[index]).cast("B"), bytes(_aligned(size) - size)]
+    parts.append(bytes(BUFFER_ALIGNMENT))
+    return b"".join(parts)
 
 
 def pack_int4(values: np.ndarray) -> bytes:
@@ -540,13 +598,18 @@ def unpack_int4(data: bytes, count: int) -> np.ndarray:
     return np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.int8)
 
 
-def _buffer_bytes(model, index: int) -> bytes:
-    data = model.buffers[index].data
-    return b"" if data is None else bytes(data)
+def buffer_bytes(file: bytes, model, index: int) -> bytes:
+    """Buffer `index`'s bytes as the runtime finds them: inline in the flatbuffer, or, where its
+    offset is over 1 (`serialize`'s layout past 2 GiB), `size` bytes at that offset in the file."""
+    buffer = model.buffers[index]
+    if buffer.offset > 1:
+        return bytes(file[buffer.offset:buffer.offset + buffer.size])
+    return b"" if buffer.data is None else bytes(buffer.data)
 
 
 def read_weights(flatbuffer: bytes) -> dict[str, dict]:
-    """The integer constants this module wrote, by plan weight name, as the file stores them:
+    """The integer constants this module wrote, by plan weight name, as the file (all of it, for
+    buffers laid out after the flatbuffer) stores them:
     {form, bits, qdata int8 in the stored shape (int4 unpacked), scale float32 [rows, groups]
     or [rows], zero_point, group_size, buffer (the integers' buffer index)}."""
     s = schema()
@@ -559,14 +622,14 @@ def read_weights(flatbuffer: bytes) -> dict[str, dict]:
                 continue
             name = name.removesuffix(".qdata")
             shape = [int(d) for d in tensor.shape]
-            raw = _buffer_bytes(model, tensor.buffer)
+            raw = buffer_bytes(flatbuffer, model, tensor.buffer)
             count = int(np.prod(shape))
             bits = 4 if tensor.type == s.TensorType.INT4 else 8
             data = unpack_int4(raw, count) if bits == 4 else np.frombuffer(raw, np.int8)[:count]
             q = tensor.quantization
             if q is not None and q.detailsType == s.QuantizationDetails.BlockwiseQuantization:
                 scales = subgraph.tensors[q.details.scales]
-                scale = np.frombuffer(_buffer_bytes(model, scales.buffer), np.float16).astype(np.float32)
+                scale = np.frombuffer(buffer_bytes(flatbuffer, model, scales.buffer), np.float16).astype(np.float32)
                 entry = {"form": BLOCKWISE, "scale": scale.reshape([int(d) for d in scales.shape]),
                          "zero_point": np.zeros([int(d) for d in scales.shape], np.int64),
                          "group_size": int(q.details.blockSize), "zero_points_tensor": int(q.details.zeroPoints)}
@@ -575,7 +638,7 @@ def read_weights(flatbuffer: bytes) -> dict[str, dict]:
                          "zero_point": np.asarray(q.zeroPoint, np.int64), "group_size": shape[1]}
             else:  # grouped: unit scale here, the plan's scales in the `.scale` constant
                 scales = next(t for t in subgraph.tensors if t.name.decode() == f"{name}.scale")
-                scale = np.frombuffer(_buffer_bytes(model, scales.buffer), np.float16).astype(np.float32)
+                scale = np.frombuffer(buffer_bytes(flatbuffer, model, scales.buffer), np.float16).astype(np.float32)
                 entry = {"form": GROUPED, "scale": scale.reshape([int(d) for d in scales.shape]),
                          "zero_point": np.zeros([int(d) for d in scales.shape], np.int64), "group_size": shape[1]}
             entry.update(bits=bits, qdata=data.reshape(shape), buffer=int(tensor.buffer))
