@@ -1,7 +1,7 @@
 """Wrong programs the parity gate must refuse, beside the right one it must pass, with each one's
 measured distance next to the bar.
 
-    python scripts/gate_mutants.py BUNDLE [--source MODEL]
+    python scripts/gate_mutants.py BUNDLE [--source MODEL] [--float-effects]
 
 BUNDLE is a quantized ExecuTorch bundle (`qwen-mobile export MODEL -q 8da4w`, `--no-gate` at
 scales where it is slow); MODEL its checkpoint (the embedded model if omitted). Two kinds of
@@ -39,6 +39,7 @@ from qwen_mobile.generate import eager_step
 from qwen_mobile.models import qwen3_5 as model_file
 from qwen_mobile.parity import compare, gate_artifact, references
 from qwen_mobile.quant.eager import dequantized
+from qwen_mobile.quant.plan import QuantPlan, resolve_scheme
 from qwen_mobile.registry import Runner
 from qwen_mobile.swaps import ModuleSwap, swapped
 
@@ -215,6 +216,31 @@ def measure_all(bundle: Path, source: str | None = None) -> list[dict]:
     return rows
 
 
+def float_effects(bundle: Path, source: str | None = None) -> list[dict]:
+    """Each structural fault's whole effect, no quantization anywhere: the float model against
+    the float model with the fault, fed the gate's tokens as the gate feeds them. Set beside the
+    scheme's noise floor, it says whether any logit comparison could see the fault on this
+    checkpoint. The unreset state is left out: a single pass from position 0 cannot show it."""
+    from qwen_mobile.parity import mean_kl, reference_logits, relative_diff, top1_agreement
+
+    manifest, _ = read_manifest(bundle)
+    loaded, _ = load_source(bundle, manifest, source)
+    model, lengths = loaded.model, lengths_of(manifest)
+    refs = references(model, lengths, QuantPlan(resolve_scheme("fp32"), {}), tokenizer_dir=bundle)
+    rows = []
+    for label, mutant in structural_mutants(model.config).items():
+        if mutant[0] == "never_reset":
+            continue
+        with swapped(model, mutant):
+            faulty = reference_logits(model, refs.tokens, refs.spans, lengths.max_context)
+        log_p, log_q = refs.float_logits.log_softmax(-1), faulty.log_softmax(-1)
+        rows.append({"fault": label, "mean_kl": mean_kl(refs.float_logits, faulty),
+                     "worst_kl": (log_p.exp() * (log_p - log_q)).sum(-1).max().item(),
+                     "relative_diff": relative_diff(refs.float_logits, faulty),
+                     "top1_agreement": top1_agreement(refs.float_logits, faulty)})
+    return rows
+
+
 def summary(parity: dict) -> dict:
     return {key: parity.get(key) for key in ("passed", "relative_diff", "max_relative_diff", "top1_agreement",
                                             "min_top1", "mean_kl", "max_mean_kl", "reset_max_abs_diff",
@@ -226,7 +252,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--source")
+    parser.add_argument("--float-effects", action="store_true",
+                        help="instead: each structural fault's effect on the float model (float_effects)")
     args = parser.parse_args(argv)
+    if args.float_effects:
+        print("| fault, float model against float model | mean KL | worst position's KL | relative | top-1 |")
+        print("| --- | --- | --- | --- | --- |")
+        for row in float_effects(args.bundle, args.source):
+            print(f"| {row['fault']} | {row['mean_kl']:.2e} | {row['worst_kl']:.2e} | {row['relative_diff']:.3f} "
+                  f"| {row['top1_agreement']:.2f} |")
+        return 0
     rows = measure_all(args.bundle, args.source)
     print("| mutant | expected | gate | relative diff (bar) | top-1 (bar) | mean KL (bar) | after reset (allowed) "
           "| weights differ |")
