@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import types
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -65,9 +66,12 @@ def _static_linear(qdata: torch.Tensor, scale: torch.Tensor, spec: StaticRange, 
 
 
 @contextlib.contextmanager
-def dequantized(model: nn.Module, plan: QuantPlan, jitter: tuple[int, float] | None = None):
+def dequantized(model: nn.Module, plan: QuantPlan, jitter: tuple[int, float] | None = None, keep_float: bool = True):
     """Inside the block, `model` computes with the plan's dequantized weights and fake-quantized
-    activations; its float weights come back afterwards (see replaced_weights).
+    activations; its float weights come back afterwards (see replaced_weights). keep_float=False,
+    for a caller with no further use for the float weights: they are replaced for good, one weight
+    at a time (dequantize_in_place), so the float model and its dequantized copy (3 GB each at
+    0.8B) are never held whole together; the model keeps the dequantized weights afterwards.
 
     jitter (seed, ulps): every activation entering a dynamic or static quantizer is first moved by up to
     `ulps` units in the last place, pseudo-randomly but as a function of its value: what another
@@ -83,12 +87,13 @@ def dequantized(model: nn.Module, plan: QuantPlan, jitter: tuple[int, float] | N
                            if weight.activations == INT8_ASYMMETRIC_PER_TOKEN]
     on_static_ranges = {modules[name]: _static_linear(weight.qdata, weight.scale, plan.activation_ranges[name], jitter)
                         for name, weight in plan.weights.items() if is_static(weight.activations)}
-    by_integers = {}  # a tied lm_head shares the embedding's integers: dequantize them once
-    for weight in plan.weights.values():
-        if id(weight.qdata) not in by_integers:
-            by_integers[id(weight.qdata)] = weight.dequantize()
     forward = _linear_on_quantized_tokens if jitter is None else _perturbed_linear(*jitter)
-    with replaced_weights(model, {name: by_integers[id(w.qdata)] for name, w in plan.weights.items()}):
+    if keep_float:
+        weights = replaced_weights(model, dict(dequantized_weights(plan)))
+    else:
+        dequantize_in_place(model, plan)
+        weights = contextlib.nullcontext()
+    with weights:
         try:
             for module in on_quantized_tokens:
                 module.forward = types.MethodType(forward, module)
@@ -99,3 +104,21 @@ def dequantized(model: nn.Module, plan: QuantPlan, jitter: tuple[int, float] | N
             for module in [*on_quantized_tokens, *on_static_ranges]:
                 if "forward" in vars(module):
                     del module.forward
+
+
+def dequantized_weights(plan: QuantPlan) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, dequantized value) for each planned weight, each made only when asked for."""
+    by_integers = {}  # a tied lm_head shares the embedding's integers: dequantize them once
+    for name, weight in plan.weights.items():
+        if id(weight.qdata) not in by_integers:
+            by_integers[id(weight.qdata)] = weight.dequantize()
+        yield name, by_integers[id(weight.qdata)]
+
+
+def dequantize_in_place(model: nn.Module, plan: QuantPlan) -> None:
+    """Every planned weight of `model` replaced for good by its dequantized value, one weight at a
+    time: each float weight is freed as soon as its module (both modules, for a tied lm_head) holds
+    the replacement, so no more than one weight is ever held in both forms."""
+    modules = planned_modules(model)
+    for name, value in dequantized_weights(plan):
+        modules[name].weight = nn.Parameter(value, requires_grad=False)
