@@ -41,7 +41,8 @@ MEMORY_VARIABLE = "QWEN_MOBILE_MEMORY"
 def memory_use() -> tuple[int, int] | None:
     """(resident bytes now, peak resident bytes) of this process, or None where /proc does not say."""
     try:
-        status = open("/proc/self/status").read()
+        with open("/proc/self/status") as file:
+            status = file.read()
     except OSError:
         return None
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)

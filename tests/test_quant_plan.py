@@ -7,7 +7,6 @@ from hypothesis import strategies as st
 
 from qwen_mobile.checkpoint import load
 from qwen_mobile.errors import QwenMobileError
-
 from qwen_mobile.parity import mean_kl, relative_diff
 from qwen_mobile.quant import plan as plan_module
 from qwen_mobile.quant.eager import dequantized, quantize_per_token

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import types
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .plan import QuantPlan, planned_modules, replaced_weights
+from .plan import QuantizedWeight, QuantPlan, planned_modules, replaced_weights
 from .static import StaticRange, is_static, static_linear
 
 INT8_ASYMMETRIC_PER_TOKEN = "int8_asymmetric_per_token"
@@ -89,7 +89,7 @@ def dequantized(model: nn.Module, plan: QuantPlan, jitter: tuple[int, float] | N
                         for name, weight in plan.weights.items() if is_static(weight.activations)}
     forward = _linear_on_quantized_tokens if jitter is None else _perturbed_linear(*jitter)
     if keep_float:
-        weights = replaced_weights(model, dict(dequantized_weights(plan)))
+        weights = replaced_weights(model, {name: value for names, value in dequantized_weights(plan) for name in names})
     else:
         dequantize_in_place(model, plan)
         weights = contextlib.nullcontext()
@@ -106,19 +106,21 @@ def dequantized(model: nn.Module, plan: QuantPlan, jitter: tuple[int, float] | N
                     del module.forward
 
 
-def dequantized_weights(plan: QuantPlan) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, dequantized value) for each planned weight, each made only when asked for."""
-    by_integers = {}  # a tied lm_head shares the embedding's integers: dequantize them once
+def dequantized_weights(plan: QuantPlan) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """(names, dequantized value) for each of the plan's integer tensors, with the names of the
+    weights that hold it (a tied lm_head shares the embedding's), each made only when asked for."""
+    sharing: dict[int, tuple[QuantizedWeight, list[str]]] = {}
     for name, weight in plan.weights.items():
-        if id(weight.qdata) not in by_integers:
-            by_integers[id(weight.qdata)] = weight.dequantize()
-        yield name, by_integers[id(weight.qdata)]
+        sharing.setdefault(id(weight.qdata), (weight, []))[1].append(name)
+    for weight, names in sharing.values():
+        yield names, weight.dequantize()
 
 
 def dequantize_in_place(model: nn.Module, plan: QuantPlan) -> None:
-    """Every planned weight of `model` replaced for good by its dequantized value, one weight at a
-    time: each float weight is freed as soon as its module (both modules, for a tied lm_head) holds
-    the replacement, so no more than one weight is ever held in both forms."""
+    """Every planned weight of `model` replaced for good by its dequantized value, one integer
+    tensor at a time: each float weight is freed as soon as its modules hold the replacement, so
+    no more than one weight is held in both forms."""
     modules = planned_modules(model)
-    for name, value in dequantized_weights(plan):
-        modules[name].weight = nn.Parameter(value, requires_grad=False)
+    for names, value in dequantized_weights(plan):
+        for name in names:
+            modules[name].weight = nn.Parameter(value, requires_grad=False)
