@@ -47,6 +47,9 @@ def test_round_to_nearest_a_few_rows_at_a_time_gives_the_whole_weights_integers(
     chunked = round_to_nearest(weight, bits, group, None, narrow)
     for field in ("qdata", "scale", "zero_point"):
         assert torch.equal(getattr(chunked, field), getattr(whole, field))
+    dequantized_by_chunks = chunked.dequantize()
+    monkeypatch.setattr(plan_module, "CHUNK_ELEMENTS", 1 << 24)
+    assert torch.equal(dequantized_by_chunks, whole.dequantize())
 
 
 def test_quantize_per_token_keeps_each_token_on_its_own_int8_grid():
