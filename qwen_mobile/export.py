@@ -124,6 +124,7 @@ def export_bundle(
         loaded = load_checkpoint(checkpoint)
     with progress.step(f"planning {target.quant} quantization" + calibration_request.describe()):
         plan = calibration_request.plan(loaded.model, scheme, checkpoint.path)
+    return_freed_memory()
     return write_bundle(target, loaded, plan, out, gate, carry_plan=calibration_request.calibrated,
                         release_float_weights=True)
 
@@ -180,11 +181,13 @@ def write_bundle(target: BundleTarget, loaded: LoadedModel, plan: QuantPlan, out
                           keep_float=not release_before_lowering)
     if release_before_lowering:
         release_planned_weights(loaded.model, plan)
+        return_freed_memory()
     with staged_directory(out) as staging:
         with progress.step(f"lowering for {target.spec.name}"):
             fields = implementation.lower(ExportTarget(loaded.model, plan, lengths, target.special_tokens), staging)
         if release_float_weights:
             release_planned_weights(loaded.model, plan)
+            return_freed_memory()
         copy_tokenizer(checkpoint.path, staging)
         if carry_plan:
             save_plan(plan, staging / PLAN_FILE).chmod(0o644)  # verify checks the artifact against it, never refits it
@@ -196,6 +199,16 @@ def write_bundle(target: BundleTarget, loaded: LoadedModel, plan: QuantPlan, out
             manifest["parity"] = dict(UNGATED)
         write_manifest(manifest, staging, out)
     return out
+
+
+def return_freed_memory() -> None:
+    """Hand the heap glibc keeps after a stage frees its tensors back to the system (a no-op without glibc)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return
 
 
 @dataclass(frozen=True)
