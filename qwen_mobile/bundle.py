@@ -271,9 +271,13 @@ def gate_bundle(bundle: Path, manifest: dict, spec: BackendSpec, source: str | N
     """The parity gate on the artifact in `bundle` against its source checkpoint (see load_source),
     without the file checks (verify_bundle does those first)."""
     from qwen_mobile.parity import gate_artifact, references
+    from qwen_mobile.quant.plan import release_planned_weights
 
     loaded, plan = load_source(bundle, manifest, source)
-    refs = references(loaded.model, lengths_of(manifest), plan, tokenizer_dir=bundle)
+    # the model serves these references only: its float weights need not outlive them, nor sit
+    # under the artifact's runtime (see export.write_bundle's release_float_weights)
+    refs = references(loaded.model, lengths_of(manifest), plan, tokenizer_dir=bundle, keep_float=False)
+    release_planned_weights(loaded.model, plan)
     return gate_artifact(spec.load(), bundle, manifest, refs, plan)
 
 

@@ -273,10 +273,13 @@ class References:
         return self.prefill + self.decode
 
 
-def references(model: Qwen35, lengths: Lengths, plan: QuantPlan, tokenizer_dir: Path | None = None) -> References:
+def references(model: Qwen35, lengths: Lengths, plan: QuantPlan, tokenizer_dir: Path | None = None,
+               keep_float: bool = True) -> References:
     """The eager logits the gate needs for this plan (see the module doc), feeding the
     held-out text under the tokenizer in `tokenizer_dir` (the checkpoint's, or the bundle's
-    copy of it) or, without one, seeded random ids."""
+    copy of it) or, without one, seeded random ids. keep_float=False, for a caller with no
+    further use for the float model: the plan's passes replace its planned weights by their
+    dequantized values for good instead of holding both (quant.eager.dequantized); same logits."""
     prefill, decode = feeding_plan(lengths.max_context, lengths.max_chunk)
     max_context = lengths.max_context
     spans = prefill + decode
@@ -290,22 +293,24 @@ def references(model: Qwen35, lengths: Lengths, plan: QuantPlan, tokenizer_dir: 
     quantized = bool(plan.weights)
     logits = float_logits
     if quantized:
-        with progress.step(f"eager reference: {plan.scheme.name} plan, {len(spans)} calls"), dequantized(model, plan):
+        with (progress.step(f"eager reference: {plan.scheme.name} plan, {len(spans)} calls"),
+              dequantized(model, plan, keep_float=keep_float)):
             logits = reference_logits(model, tokens, spans, max_context)
     gate, floor = gate_for(plan), None
     if any(weight.activations for weight in plan.weights.values()):
-        floor = noise_floor(model, plan, tokens, spans, max_context, logits)
+        floor = noise_floor(model, plan, tokens, spans, max_context, logits, keep_float)
         gate = floor.widened(gate)
     return References(tokens, prefill, decode, float_logits, logits, gate, quantized, floor)
 
 
 def noise_floor(model: Qwen35, plan: QuantPlan, tokens: torch.Tensor, spans: Spans, max_context: int,
-                logits: torch.Tensor) -> NoiseFloor:
-    """The plan in eager against itself, its dynamic activations jittered (quant.eager.dequantized)."""
+                logits: torch.Tensor, keep_float: bool = True) -> NoiseFloor:
+    """The plan in eager against itself, its dynamic activations jittered (quant.eager.dequantized,
+    which keep_float is passed to)."""
     samples = []
     with progress.step(f"noise floor: {FLOOR_SAMPLES} jittered passes of the {plan.scheme.name} plan"):
         for seed in range(FLOOR_SAMPLES):
-            with dequantized(model, plan, jitter=(seed, FLOOR_ULPS)):
+            with dequantized(model, plan, jitter=(seed, FLOOR_ULPS), keep_float=keep_float):
                 jittered = reference_logits(model, tokens, spans, max_context)
             samples.append((relative_diff(logits, jittered), top1_agreement(logits, jittered), mean_kl(logits, jittered)))
     relative, top1, kl = (list(values) for values in zip(*samples))

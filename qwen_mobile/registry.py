@@ -98,6 +98,9 @@ class Backend:
     bos_token: str | None = None
     # packages whose versions made the artifact (the manifest's `tools`)
     tools: tuple[str, ...] = ()
+    # whether lower() reads the values of the weights a plan quantizes; a backend that encodes them
+    # from the plan alone says False, and a single-plan export frees them before lowering (export.write_bundle)
+    lowering_reads_planned_weights: bool = True
 
     def __init__(self, spec: BackendSpec):
         self.spec = spec

@@ -33,3 +33,26 @@ def test_notices_reach_their_listener_only_while_reporting():
         progress.notice("removed a stale directory")
     progress.notice("unheard")
     assert heard == ["removed a stale directory"]
+
+
+def test_memory_variable_logs_each_step_end_with_resident_and_peak_memory(monkeypatch, capsys):
+    monkeypatch.setenv(progress.MEMORY_VARIABLE, "1")
+    with progress.step("loading"):
+        pass
+    line = capsys.readouterr().err
+    if progress.memory_use() is None:  # no /proc: nothing to say
+        assert line == ""
+        return
+    assert line.startswith("[memory] loading: rss ") and ", peak " in line and line.endswith(" GiB\n")
+
+
+def test_without_the_memory_variable_steps_write_nothing(monkeypatch, capsys):
+    monkeypatch.delenv(progress.MEMORY_VARIABLE, raising=False)
+    with progress.step("loading"):
+        pass
+    assert capsys.readouterr().err == ""
+
+
+def test_memory_use_reads_a_peak_no_lower_than_the_resident_size():
+    use = progress.memory_use()
+    assert use is None or 0 < use[0] <= use[1]

@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 from qwen_mobile.checkpoint import load
 from qwen_mobile.errors import QwenMobileError
-
 from qwen_mobile.parity import mean_kl, relative_diff
+from qwen_mobile.quant import plan as plan_module
 from qwen_mobile.quant.eager import dequantized, quantize_per_token
 from qwen_mobile.quant.plan import (
     FLOAT_LINEARS,
@@ -33,6 +33,19 @@ def test_round_to_nearest_is_symmetric_within_range_and_half_a_step_off(bits, gr
     assert torch.all((q.dequantize() - weight).abs() <= step / 2 + 1e-7)
     by_hand = (q.qdata.float() - q.zero_point.repeat_interleave(group, 1).float()) * step
     assert torch.equal(q.dequantize(), by_hand)
+
+
+@pytest.mark.parametrize("bits, group, narrow", [(4, 32, False), (8, 96, True)])
+def test_round_to_nearest_a_few_rows_at_a_time_gives_the_whole_weights_integers(monkeypatch, bits, group, narrow):
+    weight = torch.randn(41, 96, generator=torch.Generator().manual_seed(1)) * 0.05
+    whole = round_to_nearest(weight, bits, group, None, narrow)
+    monkeypatch.setattr(plan_module, "CHUNK_ELEMENTS", 3 * 96 + 5)  # chunks of 3 rows, the last of 2
+    chunked = round_to_nearest(weight, bits, group, None, narrow)
+    for field in ("qdata", "scale", "zero_point"):
+        assert torch.equal(getattr(chunked, field), getattr(whole, field))
+    dequantized_by_chunks = chunked.dequantize()
+    monkeypatch.setattr(plan_module, "CHUNK_ELEMENTS", 1 << 24)
+    assert torch.equal(dequantized_by_chunks, whole.dequantize())
 
 
 def test_quantize_per_token_keeps_each_token_on_its_own_int8_grid():

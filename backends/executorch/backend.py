@@ -20,6 +20,8 @@ class ExecuTorchBackend(Backend):
     # Qwen3.5's tokenizer has no BOS token; ExecuTorch's own Qwen3.5 config gives the runner <|im_start|>
     bos_token = "<|im_start|>"
     tools = ("executorch", "torchao")
+    # the planned linears and embedding are lowered as torchao tensors built from the plan's integers (quantize.py)
+    lowering_reads_planned_weights = False
 
     def check(self, plan, lengths: Lengths) -> None:
         quantize.check_encodable(plan)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import types
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .plan import QuantPlan, planned_modules, replaced_weights
+from .plan import QuantizedWeight, QuantPlan, planned_modules, replaced_weights
 from .static import StaticRange, is_static, static_linear
 
 INT8_ASYMMETRIC_PER_TOKEN = "int8_asymmetric_per_token"
@@ -65,9 +66,12 @@ def _static_linear(qdata: torch.Tensor, scale: torch.Tensor, spec: StaticRange, 
 
 
 @contextlib.contextmanager
-def dequantized(model: nn.Module, plan: QuantPlan, jitter: tuple[int, float] | None = None):
+def dequantized(model: nn.Module, plan: QuantPlan, jitter: tuple[int, float] | None = None, keep_float: bool = True):
     """Inside the block, `model` computes with the plan's dequantized weights and fake-quantized
-    activations; its float weights come back afterwards (see replaced_weights).
+    activations; its float weights come back afterwards (see replaced_weights). keep_float=False,
+    for a caller with no further use for the float weights: they are replaced for good, one weight
+    at a time (dequantize_in_place), so the float model and its dequantized copy (3 GB each at
+    0.8B) are never held whole together; the model keeps the dequantized weights afterwards.
 
     jitter (seed, ulps): every activation entering a dynamic or static quantizer is first moved by up to
     `ulps` units in the last place, pseudo-randomly but as a function of its value: what another
@@ -83,12 +87,13 @@ def dequantized(model: nn.Module, plan: QuantPlan, jitter: tuple[int, float] | N
                            if weight.activations == INT8_ASYMMETRIC_PER_TOKEN]
     on_static_ranges = {modules[name]: _static_linear(weight.qdata, weight.scale, plan.activation_ranges[name], jitter)
                         for name, weight in plan.weights.items() if is_static(weight.activations)}
-    by_integers = {}  # a tied lm_head shares the embedding's integers: dequantize them once
-    for weight in plan.weights.values():
-        if id(weight.qdata) not in by_integers:
-            by_integers[id(weight.qdata)] = weight.dequantize()
     forward = _linear_on_quantized_tokens if jitter is None else _perturbed_linear(*jitter)
-    with replaced_weights(model, {name: by_integers[id(w.qdata)] for name, w in plan.weights.items()}):
+    if keep_float:
+        weights = replaced_weights(model, {name: value for names, value in dequantized_weights(plan) for name in names})
+    else:
+        dequantize_in_place(model, plan)
+        weights = contextlib.nullcontext()
+    with weights:
         try:
             for module in on_quantized_tokens:
                 module.forward = types.MethodType(forward, module)
@@ -99,3 +104,23 @@ def dequantized(model: nn.Module, plan: QuantPlan, jitter: tuple[int, float] | N
             for module in [*on_quantized_tokens, *on_static_ranges]:
                 if "forward" in vars(module):
                     del module.forward
+
+
+def dequantized_weights(plan: QuantPlan) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """(names, dequantized value) for each of the plan's integer tensors, with the names of the
+    weights that hold it (a tied lm_head shares the embedding's), each made only when asked for."""
+    sharing: dict[int, tuple[QuantizedWeight, list[str]]] = {}
+    for name, weight in plan.weights.items():
+        sharing.setdefault(id(weight.qdata), (weight, []))[1].append(name)
+    for weight, names in sharing.values():
+        yield names, weight.dequantize()
+
+
+def dequantize_in_place(model: nn.Module, plan: QuantPlan) -> None:
+    """Every planned weight of `model` replaced for good by its dequantized value, one integer
+    tensor at a time: each float weight is freed as soon as its modules hold the replacement, so
+    no more than one weight is held in both forms."""
+    modules = planned_modules(model)
+    for names, value in dequantized_weights(plan):
+        for name in names:
+            modules[name].weight = nn.Parameter(value, requires_grad=False)
