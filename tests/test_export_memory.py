@@ -11,7 +11,7 @@ from qwen_mobile.backends.executorch.backend import ExecuTorchBackend
 from qwen_mobile.checkpoint import EMBEDDED_MODEL, load_checkpoint, open_checkpoint
 from qwen_mobile.export import prepare_target, write_bundle
 from qwen_mobile.parity import references
-from qwen_mobile.quant.eager import dequantized
+from qwen_mobile.quant.eager import dequantize_in_place, dequantized
 from qwen_mobile.quant.plan import make_plan, planned_modules, resolve_scheme
 
 
@@ -72,4 +72,9 @@ def test_dequantized_without_the_float_weights_computes_the_same_and_keeps_the_d
     modules = planned_modules(freed)
     for name, weight in plan.weights.items():
         assert torch.equal(modules[name].weight, weight.dequantize())
+    # asked again (each noise-floor pass asks), nothing is made anew
+    held = {name: modules[name].weight for name in plan.weights}
+    dequantize_in_place(freed, plan)
+    assert all(planned_modules(freed)[name].weight is held[name] for name in plan.weights)
+    assert freed.lm_head.weight is freed.embed_tokens.weight
     assert kept.lm_head.weight is kept.embed_tokens.weight  # the plain path gives the float weights back

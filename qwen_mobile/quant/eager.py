@@ -106,21 +106,32 @@ def dequantized(model: nn.Module, plan: QuantPlan, jitter: tuple[int, float] | N
                     del module.forward
 
 
-def dequantized_weights(plan: QuantPlan) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """(names, dequantized value) for each of the plan's integer tensors, with the names of the
-    weights that hold it (a tied lm_head shares the embedding's), each made only when asked for."""
+def sharing_groups(plan: QuantPlan) -> list[tuple[QuantizedWeight, list[str]]]:
+    """Each of the plan's integer tensors once, with the names of the weights that hold it (a tied
+    lm_head shares the embedding's)."""
     sharing: dict[int, tuple[QuantizedWeight, list[str]]] = {}
     for name, weight in plan.weights.items():
         sharing.setdefault(id(weight.qdata), (weight, []))[1].append(name)
-    for weight, names in sharing.values():
+    return list(sharing.values())
+
+
+def dequantized_weights(plan: QuantPlan) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """(names, dequantized value) for each of the plan's integer tensors, each made only when asked for."""
+    for weight, names in sharing_groups(plan):
         yield names, weight.dequantize()
 
 
 def dequantize_in_place(model: nn.Module, plan: QuantPlan) -> None:
     """Every planned weight of `model` replaced for good by its dequantized value, one integer
     tensor at a time: each float weight is freed as soon as its modules hold the replacement, so
-    no more than one weight is held in both forms."""
+    no more than one weight is held in both forms. A weight already replaced from the same
+    integers is left as it is: the gate's plan pass and noise-floor passes each ask, and making
+    the 0.8B embedding again beside the one held cost 1 GiB of peak per pass."""
     modules = planned_modules(model)
-    for names, value in dequantized_weights(plan):
+    for weight, names in sharing_groups(plan):
+        if all(getattr(modules[name].weight, "dequantized_from", None) is weight.qdata for name in names):
+            continue
+        value = nn.Parameter(weight.dequantize(), requires_grad=False)
+        value.dequantized_from = weight.qdata
         for name in names:
-            modules[name].weight = nn.Parameter(value, requires_grad=False)
+            modules[name].weight = value
