@@ -185,7 +185,7 @@ def write_bundle(target: BundleTarget, loaded: LoadedModel, plan: QuantPlan, out
     with staged_directory(out) as staging:
         with progress.step(f"lowering for {target.spec.name}"):
             fields = implementation.lower(ExportTarget(loaded.model, plan, lengths, target.special_tokens), staging)
-        if release_float_weights:
+        if release_float_weights and not release_before_lowering:  # else released already
             release_planned_weights(loaded.model, plan)
             return_freed_memory()
         copy_tokenizer(checkpoint.path, staging)
