@@ -51,10 +51,10 @@ KV_SLOT_POSITION = 70
 # ---------------------------------------------------------------- weight mutants (bytes of the .pte)
 
 def edit_pte(pte: Path, old: bytes, new: bytes) -> None:
-    from qwen_mobile.backends.executorch.weights import aligned_offsets
+    from qwen_mobile.backends.executorch.weights import offsets_of
 
+    (offset,) = offsets_of(pte, [old])
     data = bytearray(pte.read_bytes())
-    (offset,) = aligned_offsets(bytes(data), [old])
     assert offset is not None, "the planned bytes are not in the program"
     data[offset : offset + len(new)] = new
     pte.write_bytes(bytes(data))
