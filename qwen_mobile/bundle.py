@@ -226,13 +226,14 @@ def lengths_of(manifest: dict) -> Lengths:
     return Lengths(max_context=manifest["max_context"], max_chunk=manifest["max_seq_len"])
 
 
-def load_source(bundle: Path, manifest: dict, source: str | None = None):
+def load_source(bundle: Path, manifest: dict, source: str | None = None, matrices_at_rest: bool = False):
     """For `verify`: the checkpoint the bundle was exported from, loaded, and its quantization
     plan rebuilt from the manifest (plans are deterministic).
 
     Nothing outside the bundle is read or fetched on the manifest's say-so: the checkpoint is
     the one the user passes (`--source`), checked against the manifest's config_hash; only the
-    embedded model, which ships with qwen-mobile, is found without it."""
+    embedded model, which ships with qwen-mobile, is found without it. matrices_at_rest: see
+    checkpoint.load_checkpoint."""
     from qwen_mobile.checkpoint import EMBEDDED_NAME, load
     from qwen_mobile.quant.plan import PLAN_FILE, load_plan, make_plan, scheme_from_manifest
 
@@ -245,7 +246,7 @@ def load_source(bundle: Path, manifest: dict, source: str | None = None):
         )
     scheme = scheme_from_manifest(manifest["quant"], str(path))
     with progress.step("loading the source checkpoint"):
-        loaded = load(source if source is not None else EMBEDDED_NAME)
+        loaded = load(source if source is not None else EMBEDDED_NAME, matrices_at_rest=matrices_at_rest)
     if loaded.checkpoint.config_hash != recorded["config_hash"]:
         raise QwenMobileError(
             f"{path}: field source/config_hash: {recorded['config_hash']}, but {loaded.checkpoint.source} has "
@@ -270,14 +271,16 @@ def verify_bundle(bundle: Path, source: str | None = None) -> dict:
 def gate_bundle(bundle: Path, manifest: dict, spec: BackendSpec, source: str | None = None) -> dict:
     """The parity gate on the artifact in `bundle` against its source checkpoint (see load_source),
     without the file checks (verify_bundle does those first)."""
+    from qwen_mobile.memory import return_freed_memory
     from qwen_mobile.parity import gate_artifact, references
     from qwen_mobile.quant.plan import release_planned_weights
 
-    loaded, plan = load_source(bundle, manifest, source)
+    loaded, plan = load_source(bundle, manifest, source, matrices_at_rest=True)
     # the model serves these references only: its float weights need not outlive them, nor sit
     # under the artifact's runtime (see export.write_bundle's release_float_weights)
     refs = references(loaded.model, lengths_of(manifest), plan, tokenizer_dir=bundle, keep_float=False)
     release_planned_weights(loaded.model, plan)
+    return_freed_memory()
     return gate_artifact(spec.load(), bundle, manifest, refs, plan)
 
 

@@ -17,6 +17,7 @@ from qwen_mobile.config import Qwen35Config, read_config
 from qwen_mobile.errors import QwenMobileError, first_line
 from qwen_mobile.jsonfiles import read_json
 from qwen_mobile.models.qwen3_5 import Qwen35
+from qwen_mobile.quant.plan import planned_modules
 
 EMBEDDED_MODEL = Path(__file__).resolve().parent / "assets" / "qwen3.5-tiny"
 EMBEDDED_NAME = "qwen3.5-tiny"
@@ -125,16 +126,23 @@ def _decoder_name(name: str) -> str | None:
     return name
 
 
-def load(model: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Read the checkpoint MODEL names (see resolve) into a Qwen35 in `dtype`."""
-    return load_checkpoint(open_checkpoint(model), dtype)
+def load(model: str | None = None, dtype: torch.dtype = torch.float32, matrices_at_rest: bool = False) -> LoadedModel:
+    """Read the checkpoint MODEL names (see resolve) into a Qwen35 in `dtype` (see load_checkpoint)."""
+    return load_checkpoint(open_checkpoint(model), dtype, matrices_at_rest)
 
 
-def load_checkpoint(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Read an opened checkpoint's decoder weights into a Qwen35 in `dtype`."""
+def load_checkpoint(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
+                    matrices_at_rest: bool = False) -> LoadedModel:
+    """Read an opened checkpoint's decoder weights into a Qwen35 in `dtype`.
+
+    matrices_at_rest: every Linear and Embedding weight (all but a few MB of the model) stays in
+    the checkpoint's own dtype (bf16 or fp16: half of float32) instead of `dtype`; the model then
+    computes only inside memory.widened, which widens each as it is used, exactly. For callers
+    that only compute eagerly with it or quantize it (the gate's references, `verify`, a plan)."""
     config = checkpoint.config
     with torch.device("meta"):
         qwen = Qwen35(config)
+    kept_as_stored = set(planned_modules(qwen)) if matrices_at_rest else set()
     expected = {name: tuple(p.shape) for name, p in qwen.named_parameters(remove_duplicate=False)}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
@@ -163,7 +171,7 @@ def load_checkpoint(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) 
                         f"{file}: tensor {name} has shape {list(tensor.shape)}, config.json implies "
                         f"{list(expected[ours])}"
                     )
-                weights[ours] = tensor.to(dtype)
+                weights[ours] = tensor if ours in kept_as_stored else tensor.to(dtype)
         except SafetensorError as error:
             raise QwenMobileError(f"{file}: not a readable safetensors file ({error})") from None
 

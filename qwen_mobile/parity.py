@@ -41,6 +41,7 @@ from statistics import NormalDist
 import torch
 
 from qwen_mobile import progress
+from qwen_mobile.memory import widened
 from qwen_mobile.corpus import load_corpus, split_corpus
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.models.qwen3_5 import Qwen35
@@ -288,7 +289,7 @@ def references(model: Qwen35, lengths: Lengths, plan: QuantPlan, tokenizer_dir: 
     tokens = sample_tokens(vocab_size, needed) if tokenizer_dir is None else held_out_tokens(
         tokenizer_dir, needed, vocab_size
     )
-    with progress.step(f"eager reference: float model, {len(spans)} calls"):
+    with progress.step(f"eager reference: float model, {len(spans)} calls"), widened(model):
         float_logits = reference_logits(model, tokens, spans, max_context)
     quantized = bool(plan.weights)
     logits = float_logits

@@ -10,14 +10,15 @@ import torch
 from qwen_mobile.backends.executorch.backend import ExecuTorchBackend
 from qwen_mobile.checkpoint import EMBEDDED_MODEL, load_checkpoint, open_checkpoint
 from qwen_mobile.export import prepare_target, write_bundle
+from qwen_mobile.memory import linear, narrowest_exact, widen_unplanned, widened
 from qwen_mobile.parity import references
 from qwen_mobile.quant.eager import dequantize_in_place, dequantized
-from qwen_mobile.quant.plan import make_plan, planned_modules, resolve_scheme
+from qwen_mobile.quant.plan import make_plan, planned_modules, resolve_scheme, round_to_nearest
 
 
-def loaded_and_planned(quant: str = "8da4w"):
+def loaded_and_planned(quant: str = "8da4w", matrices_at_rest: bool = False):
     checkpoint = open_checkpoint(None)
-    loaded = load_checkpoint(checkpoint)
+    loaded = load_checkpoint(checkpoint, matrices_at_rest=matrices_at_rest)
     return prepare_target(checkpoint, "executorch", quant, None), loaded, make_plan(loaded.model, resolve_scheme(quant))
 
 
@@ -71,10 +72,70 @@ def test_dequantized_without_the_float_weights_computes_the_same_and_keeps_the_d
     assert torch.equal(got, expected)
     modules = planned_modules(freed)
     for name, weight in plan.weights.items():
-        assert torch.equal(modules[name].weight, weight.dequantize())
+        assert torch.equal(modules[name].weight.float(), weight.dequantize())
     # asked again (each noise-floor pass asks), nothing is made anew
     held = {name: modules[name].weight for name in plan.weights}
     dequantize_in_place(freed, plan)
     assert all(planned_modules(freed)[name].weight is held[name] for name in plan.weights)
     assert freed.lm_head.weight is freed.embed_tokens.weight
     assert kept.lm_head.weight is kept.embed_tokens.weight  # the plain path gives the float weights back
+
+
+@pytest.mark.parametrize("quant", ["8da4w", "int8"])
+def test_matrices_held_at_rest_give_the_same_plan_and_references_bit_for_bit(quant):
+    """The embedded checkpoint is bf16 on disk, as real ones are: held so (export and verify do)
+    and widened as it computes, the model makes the same plan and the same gate references as
+    the float32 model, while holding its matrices at half the bytes (and 4-bit dequantized
+    weights in fp16, 8-bit ones in float32)."""
+    target, wide, wide_plan = loaded_and_planned(quant)
+    _, narrow, plan = loaded_and_planned(quant, matrices_at_rest=True)
+    modules = planned_modules(narrow.model)
+    assert {modules[name].weight.dtype for name in plan.weights} == {torch.bfloat16}
+    for name, weight in plan.weights.items():
+        expected = wide_plan.weights[name]
+        assert torch.equal(weight.qdata, expected.qdata) and torch.equal(weight.scale, expected.scale), name
+    widen_unplanned(narrow.model, plan)
+    assert all(modules[name].weight.dtype == torch.float32 for name in plan.kept_float)
+    wide_refs = references(wide.model, target.lengths, wide_plan, tokenizer_dir=EMBEDDED_MODEL, keep_float=False)
+    narrow_refs = references(narrow.model, target.lengths, plan, tokenizer_dir=EMBEDDED_MODEL, keep_float=False)
+    for field in ("tokens", "float_logits", "logits"):
+        assert torch.equal(getattr(wide_refs, field), getattr(narrow_refs, field)), field
+    assert wide_refs.gate == narrow_refs.gate and wide_refs.noise_floor == narrow_refs.noise_floor
+    held = {modules[name].weight.dtype for name in plan.weights}
+    assert held == ({torch.float16} if quant == "8da4w" else {torch.float32}), held
+
+
+def test_widened_leaves_the_model_as_it_was_even_when_a_call_fails():
+    model = load_checkpoint(open_checkpoint(None), matrices_at_rest=True).model
+    held = {name: module.weight for name, module in planned_modules(model).items()}
+    with pytest.raises(RuntimeError), widened(model):
+        model.layers[0].mlp.down_proj(torch.zeros(3, 5))  # the wrong width
+    for name, module in planned_modules(model).items():
+        assert module.weight is held[name] and "forward" not in vars(module) and not module._forward_hooks, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_linear_widens_block_by_block_to_the_float32_sums(dtype):
+    """memory.linear on a weight held in any dtype gives what it gives on the same values in
+    float32, for shapes that are and are not a whole number of blocks, decode and prefill."""
+    generator = torch.Generator().manual_seed(0)
+    for rows, columns in [(700, 3000), (5, 40), (2048, 512)]:
+        weight = (torch.randn(rows, columns, generator=generator) * 0.02).to(dtype)
+        bias = torch.randn(rows, generator=generator)
+        for tokens in (1, 17):
+            x = torch.randn(1, tokens, columns, generator=generator)
+            assert torch.equal(linear(x, weight, bias), linear(x, weight.float(), bias)), (rows, columns, tokens)
+            assert torch.allclose(linear(x, weight, bias), torch.nn.functional.linear(x, weight.float(), bias),
+                                  rtol=1e-5, atol=1e-6)
+
+
+def test_dequantized_weights_are_held_in_fp16_only_where_fp16_holds_them_exactly():
+    weight = torch.randn(64, 64) * 0.02
+    four_bit = round_to_nearest(weight, 4, 32, None)
+    assert narrowest_exact(four_bit.dequantize_rows, (64, 64)).dtype == torch.float16
+    tiny = round_to_nearest(weight * 1e-4, 4, 32, None)  # scales near fp16's subnormals
+    held = narrowest_exact(tiny.dequantize_rows, (64, 64))
+    assert held.dtype != torch.float16 and torch.equal(held.float(), tiny.dequantize())
+    eight_bit = round_to_nearest(weight, 8, 64, None)
+    held = narrowest_exact(eight_bit.dequantize_rows, (64, 64))
+    assert held.dtype == torch.float32 and torch.equal(held, eight_bit.dequantize())

@@ -13,8 +13,9 @@ import types
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from qwen_mobile.memory import linear, narrowest_exact, widened
 
 from .plan import QuantizedWeight, QuantPlan, planned_modules, replaced_weights
 from .static import StaticRange, is_static, static_linear
@@ -41,7 +42,7 @@ def quantize_per_token(x: torch.Tensor) -> torch.Tensor:
 
 
 def _linear_on_quantized_tokens(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(quantize_per_token(x), self.weight, self.bias)
+    return linear(quantize_per_token(x), self.weight, self.bias)
 
 
 def _perturbed(x: torch.Tensor, seed: int, ulps: float) -> torch.Tensor:
@@ -53,7 +54,7 @@ def _perturbed(x: torch.Tensor, seed: int, ulps: float) -> torch.Tensor:
 
 def _perturbed_linear(seed: int, ulps: float):
     def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(quantize_per_token(_perturbed(x, seed, ulps)), self.weight, self.bias)
+        return linear(quantize_per_token(_perturbed(x, seed, ulps)), self.weight, self.bias)
 
     return forward
 
@@ -93,17 +94,22 @@ def dequantized(model: nn.Module, plan: QuantPlan, jitter: tuple[int, float] | N
     else:
         dequantize_in_place(model, plan)
         weights = contextlib.nullcontext()
-    with weights:
+    with weights, widened(model):
+        previous = {}  # widened's forwards, given back on the way out
         try:
             for module in on_quantized_tokens:
+                previous[module] = vars(module).get("forward")
                 module.forward = types.MethodType(forward, module)
             for module, static_forward in on_static_ranges.items():
+                previous[module] = vars(module).get("forward")
                 module.forward = types.MethodType(static_forward, module)
             yield model
         finally:
-            for module in [*on_quantized_tokens, *on_static_ranges]:
-                if "forward" in vars(module):
+            for module, forward_before in previous.items():
+                if forward_before is None:
                     del module.forward
+                else:
+                    module.forward = forward_before
 
 
 def sharing_groups(plan: QuantPlan) -> list[tuple[QuantizedWeight, list[str]]]:
@@ -126,12 +132,16 @@ def dequantize_in_place(model: nn.Module, plan: QuantPlan) -> None:
     tensor at a time: each float weight is freed as soon as its modules hold the replacement, so
     no more than one weight is held in both forms. A weight already replaced from the same
     integers is left as it is: the gate's plan pass and noise-floor passes each ask, and making
-    the 0.8B embedding again beside the one held cost 1 GiB of peak per pass."""
+    the 0.8B embedding again beside the one held cost 1 GiB of peak per pass.
+
+    Each replacement is held in the narrowest float dtype that holds it exactly (memory.py):
+    4-bit integers times bf16 scales fit fp16, half of float32, and `dequantized` widens them
+    as the model computes."""
     modules = planned_modules(model)
     for weight, names in sharing_groups(plan):
         if all(getattr(modules[name].weight, "dequantized_from", None) is weight.qdata for name in names):
             continue
-        value = nn.Parameter(weight.dequantize(), requires_grad=False)
+        value = nn.Parameter(narrowest_exact(weight.dequantize_rows, tuple(weight.qdata.shape)), requires_grad=False)
         value.dequantized_from = weight.qdata
         for name in names:
             modules[name].weight = value

@@ -125,19 +125,23 @@ class QuantizedWeight:
         return (1, self.group_size)
 
     def dequantize(self) -> torch.Tensor:
-        from torchao.quantization.quant_primitives import dequantize_affine
-
         # a few rows at a time, as round_to_nearest quantizes them: the same values, without
         # torchao's whole-weight temporaries (2 GiB over the result for the 0.8B embedding)
         values = torch.empty(self.qdata.shape, dtype=torch.float32)
         step = max(1, CHUNK_ELEMENTS // max(1, self.qdata.shape[1]))
         for start in range(0, self.qdata.shape[0], step):
             rows = slice(start, start + step)
-            values[rows] = dequantize_affine(
-                self.qdata[rows], self.block_size, self.scale[rows], self.zero_point[rows], torch.int8, self.qmin,
-                self.qmax, output_dtype=torch.float32,
-            )
+            values[rows] = self.dequantize_rows(rows)
         return values
+
+    def dequantize_rows(self, rows: slice) -> torch.Tensor:
+        """The float32 values of some rows (the rest of the weight is not made)."""
+        from torchao.quantization.quant_primitives import dequantize_affine
+
+        return dequantize_affine(
+            self.qdata[rows], self.block_size, self.scale[rows], self.zero_point[rows], torch.int8, self.qmin,
+            self.qmax, output_dtype=torch.float32,
+        )
 
 
 def round_to_nearest(
@@ -153,10 +157,11 @@ def round_to_nearest(
     from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
 
     qmin, qmax = -(1 << (bits - 1)) + int(narrow), (1 << (bits - 1)) - 1
-    weight = weight.detach().float()
+    weight = weight.detach()
     block = (1, group_size)
 
     def rows(part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        part = part.float()  # a chunk at a time: a weight held in bf16 (memory.py) is never widened whole
         scale, zero_point = choose_qparams_affine(
             part, MappingType.SYMMETRIC, block, torch.int8, qmin, qmax,
             scale_dtype=torch.float32, zero_point_dtype=torch.int8, keepdim=True,
@@ -259,8 +264,8 @@ def replaced_weights(model: nn.Module, weights: dict[str, torch.Tensor]):
 
 
 def release_planned_weights(model: nn.Module, plan: QuantPlan) -> None:
-    """Free the values of the weights `plan` quantizes: each becomes a meta tensor of its shape and
-    dtype (tied weights stay tied), so the model still describes itself to a lowering that swaps
+    """Free the values of the weights `plan` quantizes: each becomes a float32 meta tensor of its
+    shape (tied weights stay tied), so the model still describes itself to a lowering that swaps
     the plan's own tensors in (replaced_weights), but can no longer compute. For a caller done with
     the float model: at 0.8B those weights are 3 GB of the 3.1 GB."""
     modules = planned_modules(model)
@@ -268,7 +273,8 @@ def release_planned_weights(model: nn.Module, plan: QuantPlan) -> None:
     for name in plan.weights:
         weight = modules[name].weight
         if id(weight) not in released:
-            released[id(weight)] = nn.Parameter(torch.empty_like(weight, device="meta"), requires_grad=False)
+            # float32 whatever it was held in (memory.py): the model describes what it computes
+            released[id(weight)] = nn.Parameter(torch.empty(weight.shape, device="meta"), requires_grad=False)
         modules[name].weight = released[id(weight)]
 
 

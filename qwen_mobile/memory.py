@@ -1,0 +1,117 @@
+"""Memory: weights kept narrow at rest and widened to float32 where the eager model computes;
+freed memory handed back between stages.
+
+A checkpoint ships its matrices in bf16 (fp16 for some); the model computes in float32. Held
+in float32 the 2B model is 7.3 GiB, twice its checkpoint, and 4B (15.7 GiB) or 9B (33.4 GiB)
+would not fit this project's 24 GB machine beside the plan and the gate. Widening bf16 or fp16
+to float32 is exact, so a model whose Linear and Embedding weights stay in the checkpoint's
+dtype, and are widened a block at a time as it runs (`linear`), computes the same logits bit for
+bit (tests/test_export_memory.py), and a decode step reads half the bytes.
+
+Only eager computation goes through this (the gate's references, `verify`); a lowering traces
+the model and must see float32 weights or the plan's tensors, never `widened`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen_mobile.quant.plan import CHUNK_ELEMENTS, QuantPlan, planned_modules
+
+NARROW_DTYPES = (torch.float16, torch.bfloat16)
+WIDEN_ELEMENTS = 1 << 20  # linear's block: 4 MiB in float32
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear in float32 for a weight held in any float dtype, a block of WIDEN_ELEMENTS
+    weights at a time: each block is widened into one float32 buffer that stays in cache, so a
+    decode step reads the narrow weight once (measured on this machine, a 62080 x 2048 fp16
+    block: 18 ms, against 27 ms for F.linear on the float32 weight and 148 ms for widening it
+    whole first). Blocks of a float32 weight are read in place: the same sums either way."""
+    rows = max(1, WIDEN_ELEMENTS // weight.shape[1])
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    buffer = None if weight.dtype == torch.float32 else torch.empty(min(rows, weight.shape[0]), weight.shape[1])
+    for start in range(0, weight.shape[0], rows):
+        block = weight[start:start + rows]
+        if buffer is not None:
+            block = buffer[: block.shape[0]].copy_(block)
+        out[..., start:start + rows] = F.linear(x, block, None if bias is None else bias[start:start + rows])
+    return out
+
+
+def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, self.weight, self.bias)
+
+
+def _widen_rows(module: nn.Module, args, output):
+    # a lookup copies rows: widening the rows looked up is the same as looking them up widened
+    return output.float() if output.dtype != torch.float32 else output
+
+
+@contextlib.contextmanager
+def widened(model: nn.Module):
+    """Inside the block every Linear computes through `linear` (whatever dtype its weight is held
+    in), unless a forward of its own is set on it already (quant.eager.dequantized's, which call
+    `linear` too), and every Embedding returns float32 rows."""
+    handles, linears = [], []
+    try:
+        for module in planned_modules(model).values():
+            if isinstance(module, nn.Embedding):
+                handles.append(module.register_forward_hook(_widen_rows))
+            elif "forward" not in vars(module):
+                module.forward = types.MethodType(_linear_forward, module)
+                linears.append(module)
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module in linears:
+            vars(module).pop("forward", None)
+
+
+def narrowest_exact(make_rows, shape: tuple[int, int]) -> torch.Tensor:
+    """The values make_rows(rows) gives for every row slice, in the narrowest of fp16, bf16 and
+    float32 that holds all of them exactly, made a few rows at a time (so a float32 copy of the
+    whole tensor is never held beside the narrow one). 4-bit integers times a bf16 scale fit
+    fp16 (11 significant bits) unless a scale is tiny; 8-bit ones need float32."""
+    for dtype in NARROW_DTYPES:
+        values = _rows_in(dtype, make_rows, shape)
+        if values is not None:
+            return values
+    return _rows_in(torch.float32, make_rows, shape)
+
+
+def _rows_in(dtype: torch.dtype, make_rows, shape: tuple[int, int]) -> torch.Tensor | None:
+    """make_rows' values in `dtype`, or None when one of them is not exactly representable in it."""
+    values = torch.empty(shape, dtype=dtype)
+    step = max(1, CHUNK_ELEMENTS // max(1, shape[1]))
+    for start in range(0, shape[0], step):
+        rows = slice(start, start + step)
+        chunk = make_rows(rows)
+        values[rows] = chunk
+        if dtype != torch.float32 and not torch.equal(values[rows].float(), chunk):
+            return None
+    return values
+
+
+def widen_unplanned(model: nn.Module, plan: QuantPlan) -> None:
+    """The Linear weights `plan` leaves in float (FLOAT_LINEARS; every one for a float scheme) in
+    float32 for good: a lowering reads them from the model, which must hold them as it computes them."""
+    for name, module in planned_modules(model).items():
+        if name not in plan.weights and module.weight.dtype != torch.float32:
+            module.weight = nn.Parameter(module.weight.float(), requires_grad=False)
+
+
+def return_freed_memory() -> None:
+    """Hand the heap glibc keeps after a stage frees its tensors back to the system (a no-op without glibc)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return
