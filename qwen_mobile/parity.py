@@ -289,18 +289,19 @@ def references(model: Qwen35, lengths: Lengths, plan: QuantPlan, tokenizer_dir: 
     tokens = sample_tokens(vocab_size, needed) if tokenizer_dir is None else held_out_tokens(
         tokenizer_dir, needed, vocab_size
     )
-    with progress.step(f"eager reference: float model, {len(spans)} calls"), widened(model):
-        float_logits = reference_logits(model, tokens, spans, max_context)
     quantized = bool(plan.weights)
-    logits = float_logits
-    if quantized:
-        with (progress.step(f"eager reference: {plan.scheme.name} plan, {len(spans)} calls"),
-              dequantized(model, plan, keep_float=keep_float)):
-            logits = reference_logits(model, tokens, spans, max_context)
     gate, floor = gate_for(plan), None
-    if any(weight.activations for weight in plan.weights.values()):
-        floor = noise_floor(model, plan, tokens, spans, max_context, logits, keep_float)
-        gate = floor.widened(gate)
+    with widened(model):  # the model may hold its matrices narrow (memory.py)
+        with progress.step(f"eager reference: float model, {len(spans)} calls"):
+            float_logits = reference_logits(model, tokens, spans, max_context)
+        logits = float_logits
+        if quantized:
+            with (progress.step(f"eager reference: {plan.scheme.name} plan, {len(spans)} calls"),
+                  dequantized(model, plan, keep_float=keep_float)):
+                logits = reference_logits(model, tokens, spans, max_context)
+        if any(weight.activations for weight in plan.weights.values()):
+            floor = noise_floor(model, plan, tokens, spans, max_context, logits, keep_float)
+            gate = floor.widened(gate)
     return References(tokens, prefill, decode, float_logits, logits, gate, quantized, floor)
 
 

@@ -67,7 +67,7 @@ def test_dequantized_without_the_float_weights_computes_the_same_and_keeps_the_d
     with torch.no_grad():
         with dequantized(kept, plan):
             expected, _ = kept(tokens, torch.tensor([0]), kept.init_state(16))
-        with dequantized(freed, plan, keep_float=False):
+        with dequantized(freed, plan, keep_float=False), widened(freed):  # its weights are fp16 now
             got, _ = freed(tokens, torch.tensor([0]), freed.init_state(16))
     assert torch.equal(got, expected)
     modules = planned_modules(freed)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from qwen_mobile.memory import linear, narrowest_exact, widened
+from qwen_mobile.memory import linear, narrowest_exact
 
 from .plan import QuantizedWeight, QuantPlan, planned_modules, replaced_weights
 from .static import StaticRange, is_static, static_linear
@@ -94,8 +94,8 @@ def dequantized(model: nn.Module, plan: QuantPlan, jitter: tuple[int, float] | N
     else:
         dequantize_in_place(model, plan)
         weights = contextlib.nullcontext()
-    with weights, widened(model):
-        previous = {}  # widened's forwards, given back on the way out
+    with weights:
+        previous = {}  # forwards set before (memory.widened's), given back on the way out
         try:
             for module in on_quantized_tokens:
                 previous[module] = vars(module).get("forward")
@@ -136,7 +136,8 @@ def dequantize_in_place(model: nn.Module, plan: QuantPlan) -> None:
 
     Each replacement is held in the narrowest float dtype that holds it exactly (memory.py):
     4-bit integers times bf16 scales fit fp16, half of float32, and `dequantized` widens them
-    as the model computes."""
+    as the model computes inside memory.widened, which the caller enters (a lowering that traces
+    the model inside this block must not)."""
     modules = planned_modules(model)
     for weight, names in sharing_groups(plan):
         if all(getattr(modules[name].weight, "dequantized_from", None) is weight.qdata for name in names):
