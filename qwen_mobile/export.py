@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen_mobile import progress
-from qwen_mobile.memory import return_freed_memory, widen_unplanned
 from qwen_mobile.bundle import build_manifest, copy_tokenizer, read_tokenizer_config, write_manifest
 from qwen_mobile.checkpoint import Checkpoint, LoadedModel, load_checkpoint, open_checkpoint, stop_token_ids
 from qwen_mobile.config import Qwen35Config
 from qwen_mobile.errors import QwenMobileError
+from qwen_mobile.memory import return_freed_memory, widen_unplanned
 from qwen_mobile.quant.plan import PLAN_FILE, QuantPlan, release_planned_weights, resolve_scheme, save_plan
 from qwen_mobile.registry import Backend, BackendSpec, ExportTarget, Lengths, get_backend
 from qwen_mobile.staging import check_target, staged_directory
