@@ -3,6 +3,11 @@
 Written tensor by tensor (never a whole model in memory) in the Hugging Face layout of
 the released checkpoints: Qwen3_5ForConditionalGeneration, bf16, sharded safetensors
 with an index. The tokenizer is the embedded model's.
+
+Random weights attend almost uniformly and give nearly flat logits over 248k tokens, so a key
+in the wrong slot or a wrong rotary barely moves them (docs/parity.md, "At the 0.8B shape").
+`peaked=True` raises the gains of the zero-centred norms that set those two scales, so a
+position fault moves the logits as it would on a trained checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +30,11 @@ from qwen_mobile.staging import staged_directory
 SHAPES_DIR = Path(__file__).resolve().parent / "assets" / "shapes"
 SHARD_BYTES = 2 * 1024**3
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# The peaked fixture's (1 + w) gains: q and k each at 2 make q.k / sqrt(head_dim) std ~4 instead
+# of ~1 (their rows have unit RMS after the norm); the final norm at 8 makes the logits' std ~5
+# instead of ~0.6.
+PEAKED_QK_NORM_GAIN = 2.0
+PEAKED_FINAL_NORM_GAIN = 8.0
 
 
 def shapes() -> list[str]:
@@ -38,8 +48,18 @@ def shape_config(shape: str) -> dict:
     return json.loads(path.read_text())
 
 
-def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+def peaked_gain(name: str) -> float:
+    if name == "norm.weight":
+        return PEAKED_FINAL_NORM_GAIN
+    if name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
+        return PEAKED_QK_NORM_GAIN
+    return 1.0
+
+
+def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator, peaked: bool = False) -> torch.Tensor:
     """Values in the ranges trained Qwen3.5 weights have, so activations stay sane."""
+    if peaked and peaked_gain(name) != 1.0:
+        return peaked_gain(name) - 1 + torch.randn(shape, generator=generator) * 0.02
     if name.endswith("A_log"):  # decay rates A in [1, 16], as transformers initialises them
         return torch.empty(shape).uniform_(1, 16, generator=generator).log()
     if name.endswith("dt_bias") or name.endswith("linear_attn.norm.weight"):
@@ -49,7 +69,8 @@ def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator)
 
 
 def write_fixture(
-    shape: str, out: Path, seed: int = 0, progress: Callable[[int, int], None] = lambda done, total: None
+    shape: str, out: Path, seed: int = 0, progress: Callable[[int, int], None] = lambda done, total: None,
+    peaked: bool = False,
 ) -> Path:
     raw = shape_config(shape)
     config = Qwen35Config.from_dict(raw, source=f"{SHAPES_DIR / shape}.json")
@@ -72,7 +93,7 @@ def write_fixture(
 
         for name, tensor_shape in shapes_by_name.items():
             hf_name = name if name == "lm_head.weight" else f"model.language_model.{name}"
-            current[hf_name] = random_tensor(name, tensor_shape, generator).to(torch.bfloat16)
+            current[hf_name] = random_tensor(name, tensor_shape, generator, peaked).to(torch.bfloat16)
             size = math.prod(tensor_shape) * 2
             current_bytes += size
             written += size
