@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -26,7 +28,7 @@ err = Console(stderr=True, soft_wrap=True)
 
 class Commands(TyperGroup):
     """Every command's bad input ends here: one line on stderr naming the file, field or flag,
-    and exit 2. A SIGTERM ends the command like Ctrl-C does, so an export removes its staging
+    and exit 2 (exit 1 where a converter failed on valid input). A SIGTERM ends the command like Ctrl-C does, so an export removes its staging
     directory on the way out."""
 
     def invoke(self, ctx):
@@ -34,8 +36,10 @@ class Commands(TyperGroup):
         try:
             return super().invoke(ctx)
         except QwenMobileError as error:
+            if os.environ.get("QWEN_MOBILE_TRACEBACK") and error.__cause__ is not None:
+                traceback.print_exception(error.__cause__)
             err.print(f"[bold red]error:[/] {error}", highlight=False)
-            raise typer.Exit(2) from None
+            raise typer.Exit(error.exit_code) from None
 
 
 def _terminated(signum, frame):
@@ -335,14 +339,20 @@ def fixture(
     shape: str = typer.Option(..., "--shape", help="Real Qwen3.5 shape: 0.8b, 2b, 4b or 9b"),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to create"),
     seed: int = typer.Option(0, "--seed", help="Seed for the random weights"),
+    peaked: bool = typer.Option(
+        False, "--peaked", help="Sharpen attention and logits as training does (q/k norm gains 2, final norm 8), so "
+        "gates at this shape can see a key in the wrong slot or a wrong rotary"),
 ):
-    """A random-weight checkpoint at a real Qwen3.5 shape, for benchmarks and large-shape tests."""
+    """A random-weight checkpoint at a real Qwen3.5 shape, for benchmarks and large-shape tests.
+
+    Example: `qwen-mobile fixture --shape 0.8b --out /tmp/q08`"""
     from qwen_mobile.fixture import shape_config, write_fixture
 
     shape_config(shape)  # a bad --shape is reported before any progress bar appears
     with Progress(*Progress.get_default_columns()[:-1], DownloadColumn(), TimeRemainingColumn(), console=err) as bar:
         task = bar.add_task(f"qwen3.5 {shape} fixture", total=None)
-        path = write_fixture(shape, out_dir, seed, lambda done, total: bar.update(task, completed=done, total=total))
+        path = write_fixture(shape, out_dir, seed, lambda done, total: bar.update(task, completed=done, total=total),
+                             peaked)
     out.print(str(path), highlight=False, soft_wrap=True)
 
 

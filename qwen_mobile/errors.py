@@ -2,7 +2,17 @@
 
 
 class QwenMobileError(Exception):
-    """Bad input or an unmet requirement; the CLI prints the message and exits non-zero."""
+    """Bad input or an unmet requirement; the CLI prints the message and exits with exit_code."""
+
+    exit_code = 2
+
+
+class LoweringFailed(QwenMobileError):
+    """A backend's converter failed on a model that passed every check: not the user's input
+    (exit 1), but still one line, with the converter's own words; the traceback is kept as the
+    cause for QWEN_MOBILE_TRACEBACK=1."""
+
+    exit_code = 1
 
 
 def first_line(error: Exception) -> str:

@@ -16,7 +16,7 @@ from qwen_mobile import progress
 from qwen_mobile.bundle import build_manifest, copy_tokenizer, read_tokenizer_config, write_manifest
 from qwen_mobile.checkpoint import Checkpoint, LoadedModel, load_checkpoint, open_checkpoint, stop_token_ids
 from qwen_mobile.config import Qwen35Config
-from qwen_mobile.errors import QwenMobileError
+from qwen_mobile.errors import LoweringFailed, QwenMobileError, first_line
 from qwen_mobile.memory import return_freed_memory, widen_unplanned
 from qwen_mobile.quant.plan import PLAN_FILE, QuantPlan, release_planned_weights, resolve_scheme, save_plan
 from qwen_mobile.registry import Backend, BackendSpec, ExportTarget, Lengths, get_backend
@@ -191,7 +191,7 @@ def write_bundle(target: BundleTarget, loaded: LoadedModel, plan: QuantPlan, out
         return_freed_memory()
     with staged_directory(out) as staging:
         with progress.step(f"lowering for {target.spec.name}"):
-            fields = implementation.lower(ExportTarget(loaded.model, plan, lengths, target.special_tokens), staging)
+            fields = lowered(implementation, ExportTarget(loaded.model, plan, lengths, target.special_tokens), staging)
         if release_float_weights and not release_before_lowering:  # else released already
             release_planned_weights(loaded.model, plan)
             return_freed_memory()
@@ -206,6 +206,20 @@ def write_bundle(target: BundleTarget, loaded: LoadedModel, plan: QuantPlan, out
             manifest["parity"] = dict(UNGATED)
         write_manifest(manifest, staging, out)
     return out
+
+
+def lowered(implementation, target: ExportTarget, staging: Path) -> dict:
+    """The backend's lower(), its converter's failure as one line (the staging directory goes
+    with it)."""
+    try:
+        return implementation.lower(target, staging)
+    except QwenMobileError:
+        raise
+    except Exception as error:  # any converter's internal failure: coremltools, litert-torch, ExecuTorch
+        raise LoweringFailed(
+            f"{implementation.spec.name} could not lower this model ({type(error).__name__}: {first_line(error)}); "
+            "nothing was written. QWEN_MOBILE_TRACEBACK=1 shows where it failed"
+        ) from error
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,24 @@ def test_a_new_backend_folder_ships_in_the_wheel_with_no_other_edit(tmp_path):
     assert "qwen_mobile/calibration/tinyshakespeare.txt" in names and "backends/toyrt/__init__.py" not in names
 
 
+def test_a_converter_failure_is_one_line_naming_the_backend_and_leaves_nothing(toy_backend, tmp_path, monkeypatch):
+    toy = importlib.import_module("qwen_mobile.backends.toyrt.backend")
+
+    def crash(self, target, directory):
+        (directory / "model.pt").write_bytes(b"half")
+        raise RuntimeError("converter: unsupported op aten::foo\n  deep converter frames")
+
+    monkeypatch.setattr(toy.ToyBackend, "lower", crash)
+    bundle = tmp_path / "bundle"
+    failed = cli.invoke(app, ["export", "--backend", "toyrt", "--out", str(bundle)])
+    assert failed.exit_code == 1  # valid input: not a usage error
+    assert failed.stderr.strip().splitlines()[-1] == (
+        "error: toyrt could not lower this model (RuntimeError: converter: unsupported op aten::foo); nothing was "
+        "written. QWEN_MOBILE_TRACEBACK=1 shows where it failed")
+    assert "Traceback" not in failed.output and "deep converter frames" not in failed.output
+    assert not bundle.exists() and list(tmp_path.iterdir()) == [tmp_path / "plugins"]
+
+
 def test_a_bundle_without_its_artifact_is_refused(toy_backend, tmp_path):
     bundle = export_bundle(None, toy_backend, None, tmp_path / "bundle")
     (bundle / "model.pt").unlink()
