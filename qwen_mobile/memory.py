@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen_mobile.quant.plan import CHUNK_ELEMENTS, QuantPlan, planned_modules
+from qwen_mobile.quant.plan import QuantPlan, filled_by_rows, planned_modules
 
 NARROW_DTYPES = (torch.float16, torch.bfloat16)
 WIDEN_ELEMENTS = 1 << 20  # linear's block: 4 MiB in float32
@@ -80,23 +80,10 @@ def narrowest_exact(make_rows, shape: tuple[int, int]) -> torch.Tensor:
     whole tensor is never held beside the narrow one). 4-bit integers times a bf16 scale fit
     fp16 (11 significant bits) unless a scale is tiny; 8-bit ones need float32."""
     for dtype in NARROW_DTYPES:
-        values = _rows_in(dtype, make_rows, shape)
+        values = filled_by_rows(dtype, make_rows, shape)
         if values is not None:
             return values
-    return _rows_in(torch.float32, make_rows, shape)
-
-
-def _rows_in(dtype: torch.dtype, make_rows, shape: tuple[int, int]) -> torch.Tensor | None:
-    """make_rows' values in `dtype`, or None when one of them is not exactly representable in it."""
-    values = torch.empty(shape, dtype=dtype)
-    step = max(1, CHUNK_ELEMENTS // max(1, shape[1]))
-    for start in range(0, shape[0], step):
-        rows = slice(start, start + step)
-        chunk = make_rows(rows)
-        values[rows] = chunk
-        if dtype != torch.float32 and not torch.equal(values[rows].float(), chunk):
-            return None
-    return values
+    return filled_by_rows(torch.float32, make_rows, shape)
 
 
 def widen_unplanned(model: nn.Module, plan: QuantPlan) -> None:

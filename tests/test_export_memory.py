@@ -9,6 +9,7 @@ import torch
 
 from qwen_mobile.backends.executorch.backend import ExecuTorchBackend
 from qwen_mobile.checkpoint import EMBEDDED_MODEL, load_checkpoint, open_checkpoint
+from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.export import prepare_target, write_bundle
 from qwen_mobile.memory import linear, narrowest_exact, widen_unplanned, widened
 from qwen_mobile.parity import references
@@ -48,8 +49,8 @@ def test_references_without_the_float_weights_are_the_same_references(embedded_b
     assert released["parity"]["passed"] and released["parity"]["max_mean_kl"] == kept.gate.max_mean_kl
 
 
-class Lowered(Exception):
-    pass
+class Lowered(QwenMobileError):
+    """Stops the export where lowering begins (a QwenMobileError, so the core passes it on as is)."""
 
 
 @pytest.mark.parametrize("reads_planned_weights", [False, True])

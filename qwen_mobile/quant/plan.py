@@ -127,12 +127,7 @@ class QuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         # a few rows at a time, as round_to_nearest quantizes them: the same values, without
         # torchao's whole-weight temporaries (2 GiB over the result for the 0.8B embedding)
-        values = torch.empty(self.qdata.shape, dtype=torch.float32)
-        step = max(1, CHUNK_ELEMENTS // max(1, self.qdata.shape[1]))
-        for start in range(0, self.qdata.shape[0], step):
-            rows = slice(start, start + step)
-            values[rows] = self.dequantize_rows(rows)
-        return values
+        return filled_by_rows(torch.float32, self.dequantize_rows, tuple(self.qdata.shape))
 
     def dequantize_rows(self, rows: slice) -> torch.Tensor:
         """The float32 values of some rows (the rest of the weight is not made)."""
@@ -142,6 +137,20 @@ class QuantizedWeight:
             self.qdata[rows], self.block_size, self.scale[rows], self.zero_point[rows], torch.int8, self.qmin,
             self.qmax, output_dtype=torch.float32,
         )
+
+
+def filled_by_rows(dtype: torch.dtype, make_rows, shape: tuple[int, int]) -> torch.Tensor | None:
+    """make_rows(rows)'s values for every row slice of `shape`, made a few rows at a time, held in
+    `dtype`; None when one of them is not exactly representable in it (float32 holds any)."""
+    values = torch.empty(shape, dtype=dtype)
+    step = max(1, CHUNK_ELEMENTS // max(1, shape[1]))
+    for start in range(0, shape[0], step):
+        rows = slice(start, start + step)
+        chunk = make_rows(rows)
+        values[rows] = chunk
+        if dtype != torch.float32 and not torch.equal(values[rows].float(), chunk):
+            return None
+    return values
 
 
 def round_to_nearest(
