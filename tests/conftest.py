@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 
+from qwen_mobile.backends.tflite.runtime import CACHE_ENV
 from qwen_mobile.checkpoint import EMBEDDED_MODEL, load
 
 # Configurations the faithfulness bar names, beside the embedded model:
@@ -34,6 +35,16 @@ TEXT_CONFIGS = {
     ),
 }
 VISION_CONFIG = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48, patch_size=4)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def weight_cache(tmp_path_factory):
+    """Where TFLite runs keep XNNPACK's packed weights ($QWEN_MOBILE_CACHE): the tests' own
+    directory, never the user's ~/.cache."""
+    directory = tmp_path_factory.mktemp("xnnpack-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(directory))
+        yield directory
 
 
 @pytest.fixture(scope="module")

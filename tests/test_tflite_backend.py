@@ -25,21 +25,6 @@ from qwen_mobile.quant.plan import make_plan, resolve_scheme
 PROMPT = "ROMEO:\nWhat light"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def weight_cache(tmp_path_factory):
-    """XNNPACK's packed weights for these tests' artifacts go to a directory of the tests' own."""
-    import os
-
-    directory = tmp_path_factory.mktemp("xnnpack-cache")
-    saved = os.environ.get(runtime.CACHE_ENV)
-    os.environ[runtime.CACHE_ENV] = str(directory)
-    yield directory
-    if saved is None:
-        del os.environ[runtime.CACHE_ENV]
-    else:
-        os.environ[runtime.CACHE_ENV] = saved
-
-
 @pytest.fixture(scope="module")
 def loaded():
     return load(None)

@@ -15,25 +15,13 @@ import numpy as np
 import pytest
 from test_tflite_quant import TOKENS, Small, Tied, convert, interpreters
 
-from qwen_mobile.backends.tflite import BACKEND, lower, npu_report, quantize, runtime
+from qwen_mobile.backends.tflite import BACKEND, lower, npu_report, quantize
 from qwen_mobile.checkpoint import load
 from qwen_mobile.export import export_bundle
 from qwen_mobile.quant.plan import make_plan, resolve_scheme
 
 SCHEME = "8da4w"
 MUTATED = "layers.1.mlp.down_proj.weight"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def weight_cache(tmp_path_factory, monkeypatch_module):
-    """XNNPACK's packed weights for these tests' artifacts go to a directory of the tests' own."""
-    monkeypatch_module.setenv(runtime.CACHE_ENV, str(tmp_path_factory.mktemp("xnnpack-cache")))
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
 
 
 @pytest.fixture(scope="module")
