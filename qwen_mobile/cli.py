@@ -28,8 +28,8 @@ err = Console(stderr=True, soft_wrap=True)
 
 class Commands(TyperGroup):
     """Every command's bad input ends here: one line on stderr naming the file, field or flag,
-    and exit 2 (exit 1 where a converter failed on valid input). A SIGTERM ends the command like Ctrl-C does, so an export removes its staging
-    directory on the way out."""
+    and exit 2 (a converter's failure on valid input: one line too, exit 1). A SIGTERM ends the
+    command like Ctrl-C does, so an export removes its staging directory on the way out."""
 
     def invoke(self, ctx):
         signal.signal(signal.SIGTERM, _terminated)
