@@ -58,8 +58,9 @@ def peaked_gain(name: str) -> float:
 
 def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator, peaked: bool = False) -> torch.Tensor:
     """Values in the ranges trained Qwen3.5 weights have, so activations stay sane."""
-    if peaked and peaked_gain(name) != 1.0:
-        return peaked_gain(name) - 1 + torch.randn(shape, generator=generator) * 0.02
+    gain = peaked_gain(name) if peaked else 1.0
+    if gain != 1.0:
+        return gain - 1 + torch.randn(shape, generator=generator) * 0.02
     if name.endswith("A_log"):  # decay rates A in [1, 16], as transformers initialises them
         return torch.empty(shape).uniform_(1, 16, generator=generator).log()
     if name.endswith("dt_bias") or name.endswith("linear_attn.norm.weight"):
