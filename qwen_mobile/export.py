@@ -216,8 +216,9 @@ def lowered(implementation, target: ExportTarget, staging: Path) -> dict:
     except QwenMobileError:
         raise
     except Exception as error:  # any converter's internal failure: coremltools, litert-torch, ExecuTorch
+        kind, text = type(error).__name__, first_line(error)
         raise LoweringFailed(
-            f"{implementation.spec.name} could not lower this model ({type(error).__name__}: {first_line(error)}); "
+            f"{implementation.spec.name} could not lower this model ({kind if text == kind else f'{kind}: {text}'}); "
             "nothing was written. QWEN_MOBILE_TRACEBACK=1 shows where it failed"
         ) from error
 

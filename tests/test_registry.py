@@ -15,8 +15,8 @@ import qwen_mobile.backends
 import qwen_mobile.cli
 from qwen_mobile.bundle import manifest_digest, verify_bundle
 from qwen_mobile.cli import app
-from qwen_mobile.errors import QwenMobileError
-from qwen_mobile.export import export_bundle
+from qwen_mobile.errors import LoweringFailed, QwenMobileError
+from qwen_mobile.export import export_bundle, lowered
 from qwen_mobile.registry import discover, get_backend
 
 HEAVY_RUNTIMES = ("executorch", "coremltools", "litert_torch", "ai_edge_litert")
@@ -103,6 +103,17 @@ def test_a_converter_failure_is_one_line_naming_the_backend_and_leaves_nothing(t
         "written. QWEN_MOBILE_TRACEBACK=1 shows where it failed")
     assert "Traceback" not in failed.output and "deep converter frames" not in failed.output
     assert not bundle.exists() and list(tmp_path.iterdir()) == [tmp_path / "plugins"]
+
+
+def test_a_converter_failure_with_no_message_names_its_type_once(tmp_path):
+    class Silent:
+        spec = type("Spec", (), {"name": "toyrt"})
+
+        def lower(self, target, directory):
+            raise AssertionError
+
+    with pytest.raises(LoweringFailed, match=r"^toyrt could not lower this model \(AssertionError\); nothing was"):
+        lowered(Silent(), None, tmp_path)
 
 
 def test_a_bundle_without_its_artifact_is_refused(toy_backend, tmp_path):
