@@ -36,11 +36,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = max(1, WIDEN_ELEMENTS // weight.shape[1])
     out = x.new_empty(*x.shape[:-1], weight.shape[0])
     buffer = None if weight.dtype == torch.float32 else torch.empty(min(rows, weight.shape[0]), weight.shape[1])
+    # several sequences (the gate's batched noise floor): one product per sequence, as each alone
+    # would take it, so that batching changes no summation order in the linears
+    sequences = x.unsqueeze(0) if x.dim() < 3 else x
+    results = out.unsqueeze(0) if x.dim() < 3 else out
     for start in range(0, weight.shape[0], rows):
         block = weight[start:start + rows]
         if buffer is not None:
             block = buffer[: block.shape[0]].copy_(block)
-        out[..., start:start + rows] = F.linear(x, block, None if bias is None else bias[start:start + rows])
+        for sequence, result in zip(sequences, results):
+            result[..., start:start + rows] = F.linear(sequence, block, None if bias is None else bias[start:start + rows])
     return out
 
 

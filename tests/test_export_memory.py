@@ -129,6 +129,16 @@ def test_linear_widens_block_by_block_to_the_float32_sums(dtype):
                                   rtol=1e-5, atol=1e-6)
 
 
+def test_linear_multiplies_each_sequence_of_a_batch_as_that_sequence_alone():
+    # the gate's noise floor runs its samples as one batch: batching must not change their sums
+    generator = torch.Generator().manual_seed(1)
+    weight = (torch.randn(700, 3000, generator=generator) * 0.02).to(torch.bfloat16)
+    for tokens in (1, 17):
+        x = torch.randn(8, tokens, 3000, generator=generator)
+        together = linear(x, weight)
+        assert all(torch.equal(together[b], linear(x[b : b + 1], weight)[0]) for b in range(8)), tokens
+
+
 def test_dequantized_weights_are_held_in_fp16_only_where_fp16_holds_them_exactly():
     weight = torch.randn(64, 64) * 0.02
     four_bit = round_to_nearest(weight, 4, 32, None)

@@ -6,8 +6,10 @@ clearly higher rate are refused; and the bar moves the right way with the floor.
 import random
 
 import pytest
+import torch
 
 from qwen_mobile.parity import FALSE_REFUSAL, FLOOR_SAMPLES, top1_bar
+from qwen_mobile.quant.eager import _perturbed
 
 POSITIONS = 100
 TRIALS = 20_000
@@ -56,3 +58,13 @@ def test_the_bar_falls_as_the_floor_flips_more_and_never_leaves_zero_to_one():
     assert all(a >= b for a, b in zip(bars, bars[1:])) and 0.85 < bars[0] < 1 and bars[-1] == 0
     # more positions compared, less relative slack for the same flip rate
     assert top1_bar([0.9] * FLOOR_SAMPLES, 400) > top1_bar([0.9] * FLOOR_SAMPLES, 100)
+
+
+def test_the_batched_floor_rounds_each_row_as_its_own_seed_would():
+    # parity.noise_floor runs every seed as one batch row: row i must be jittered exactly as a
+    # pass of its own with seed i, or the batched floor would measure something else
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0))
+    rows = _perturbed(x, torch.tensor([0, 7, 1000]), 2.0)
+    for row, seed in enumerate((0, 7, 1000)):
+        assert torch.equal(rows[row], _perturbed(x[row : row + 1], seed, 2.0)[0])
+    assert not torch.equal(rows[0], rows[1]) and (rows - x).abs().max() <= 2.0 * 2**-23 * x.abs().max()

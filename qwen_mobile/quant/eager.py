@@ -45,9 +45,12 @@ def _linear_on_quantized_tokens(self: nn.Linear, x: torch.Tensor) -> torch.Tenso
     return linear(quantize_per_token(x), self.weight, self.bias)
 
 
-def _perturbed(x: torch.Tensor, seed: int, ulps: float) -> torch.Tensor:
-    # a hash of each value's bits, so that equal inputs are rounded equally, as by a real kernel
+def _perturbed(x: torch.Tensor, seed: int | torch.Tensor, ulps: float) -> torch.Tensor:
+    # a hash of each value's bits, so that equal inputs are rounded equally, as by a real kernel;
+    # a tensor of seeds gives each batch row its own
     bits = x.float().contiguous().view(torch.int32).to(torch.int64)
+    if isinstance(seed, torch.Tensor):
+        seed = seed.to(torch.int64).view(-1, *[1] * (x.dim() - 1))
     uniform = ((bits * 2654435761 + seed * 40503) % 65536).to(x.dtype) / 32767.5 - 1
     return x * (1 + uniform * ulps * 2.0**-23)
 
@@ -77,7 +80,7 @@ def dequantized(model: nn.Module, plan: QuantPlan, jitter: tuple[int, float] | N
     jitter (seed, ulps): every activation entering a dynamic or static quantizer is first moved by up to
     `ulps` units in the last place, pseudo-randomly but as a function of its value: what another
     correct fp32 kernel's summation order does to it. The parity gate measures its noise floor
-    with this (parity.noise_floor)."""
+    with this (parity.noise_floor), one seed per batch row when `seed` is a tensor of them."""
     for name, weight in plan.weights.items():
         if weight.activations not in (None, INT8_ASYMMETRIC_PER_TOKEN) and not is_static(weight.activations):
             raise ValueError(f"{name}: unknown activation quantization {weight.activations!r}")
