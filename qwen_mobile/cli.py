@@ -285,12 +285,13 @@ def _gate_table(bundle: Path, result: dict) -> Table:
         return f"{value:.4g} ({'needs' if above else 'allowed'} {allowed:.4g})"
 
     table = Table(title=f"{bundle}: {'PASS' if result['passed'] else 'FAIL'} (vs the {result['reference']})")
-    for column in ("runtime", "gate", "max|diff| / std", "relative diff", "mean KL", "top-1", "after reset"):
+    for column in ("runtime", "gate", "max|diff| / std", "relative diff", "mean KL", "KL, worst positions", "top-1",
+                   "after reset"):
         table.add_column(column)
     for runtime, parity in result["runtimes"].items():
         table.add_row(runtime, "pass" if parity["passed"] else "FAIL", bar(parity["ratio_to_std"], parity["tolerance"]),
                       bar(parity["relative_diff"], parity["max_relative_diff"]),
-                      bar(parity["mean_kl"], parity["max_mean_kl"]),
+                      bar(parity["mean_kl"], parity["max_mean_kl"]), bar(parity["worst_positions_kl"], parity["max_worst_positions_kl"]),
                       bar(parity["top1_agreement"], parity["min_top1"], above=True),
                       bar(parity["reset_max_abs_diff"], parity["reset_allowed"]))
     weights = result["weights"]

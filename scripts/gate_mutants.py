@@ -1,7 +1,7 @@
 """Wrong programs the parity gate must refuse, beside the right one it must pass, with each one's
 measured distance next to the bar.
 
-    python scripts/gate_mutants.py BUNDLE [--source MODEL] [--float-effects]
+    python scripts/gate_mutants.py BUNDLE [--source MODEL] [--float-effects | --correct-samples N]
 
 BUNDLE is a quantized ExecuTorch bundle (`qwen-mobile export MODEL -q 8da4w`, `--no-gate` at
 scales where it is slow); MODEL its checkpoint (the embedded model if omitted). Two kinds of
@@ -18,8 +18,11 @@ mutant:
   comparison. Every one must fail the numeric gate. The correct program (the plan in eager,
   its activations rounded by a differently seeded jitter, as another kernel would) must pass.
 
+--correct-samples N measures the other side at scale: N more right programs (the plan in eager,
+rounded by N more seeds) against the bars, and how many each bar refuses.
+
 tests/test_gate_mutants.py runs this at the embedded model's shape in CI; docs/parity.md has the
-table at the 0.8B shape.
+tables at the 0.8B shape.
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ from pathlib import Path
 
 import torch
 
+from qwen_mobile import progress
 from qwen_mobile.bundle import lengths_of, load_source, read_manifest
 from qwen_mobile.generate import eager_step
 from qwen_mobile.models import qwen3_5 as model_file
-from qwen_mobile.parity import compare, gate_artifact, references
+from qwen_mobile.parity import WORST_POSITIONS, compare, gate_artifact, references
 from qwen_mobile.quant.eager import dequantized
 from qwen_mobile.quant.plan import QuantPlan, resolve_scheme
 from qwen_mobile.registry import Runner
@@ -187,11 +191,35 @@ def run_structural(model, plan, refs, lengths, mutant) -> dict:
             return compare(eager_runner(model, lengths.max_context, lengths.max_chunk), refs).to_manifest()
 
 
-def run_correct(model, plan, refs, lengths) -> dict:
+CORRECT_SEED = 1000  # the floor uses seeds 0 to FLOOR_SAMPLES - 1
+
+
+def run_correct(model, plan, refs, lengths, seed: int = CORRECT_SEED) -> dict:
     """The right program computed another way: the plan in eager, its dynamic activations rounded
     as a differently seeded kernel would (seeds the floor did not use)."""
-    with dequantized(model, plan, jitter=(1000, 2.0)):
+    with dequantized(model, plan, jitter=(seed, 2.0)):
         return compare(eager_runner(model, lengths.max_context, lengths.max_chunk), refs).to_manifest()
+
+
+BARS = {"relative": ("relative_diff", "max_relative_diff", 1), "top-1": ("top1_agreement", "min_top1", -1),
+        "mean KL": ("mean_kl", "max_mean_kl", 1),
+        "worst positions' KL": ("worst_positions_kl", "max_worst_positions_kl", 1)}
+
+
+def correct_samples(bundle: Path, source: str | None, count: int) -> list[dict]:
+    """`count` more right programs (the plan in eager, each rounded by another seed) against the
+    gate's bars from the floor: how often each bar refuses a right program, measured."""
+    manifest, _ = read_manifest(bundle)
+    loaded, plan = load_source(bundle, manifest, source)
+    model, lengths = loaded.model, lengths_of(manifest)
+    refs = references(model, lengths, plan, tokenizer_dir=bundle)
+    rows = []
+    for seed in range(CORRECT_SEED, CORRECT_SEED + count):
+        result = run_correct(model, plan, refs, lengths, seed)
+        rows.append({"seed": seed, **summary(result),
+                     "refused_by": [bar for bar, (value, allowed, sign) in BARS.items()
+                                    if sign * result[value] > sign * result[allowed]]})
+    return rows
 
 
 # ---------------------------------------------------------------- the table
@@ -221,7 +249,7 @@ def float_effects(bundle: Path, source: str | None = None) -> list[dict]:
     the float model with the fault, fed the gate's tokens as the gate feeds them. Set beside the
     scheme's noise floor, it says whether any logit comparison could see the fault on this
     checkpoint. The unreset state is left out: a single pass from position 0 cannot show it."""
-    from qwen_mobile.parity import mean_kl, reference_logits, relative_diff, top1_agreement
+    from qwen_mobile.parity import mean_kl, position_kls, reference_logits, relative_diff, top1_agreement
 
     manifest, _ = read_manifest(bundle)
     loaded, _ = load_source(bundle, manifest, source)
@@ -233,9 +261,8 @@ def float_effects(bundle: Path, source: str | None = None) -> list[dict]:
             continue
         with swapped(model, mutant):
             faulty = reference_logits(model, refs.tokens, refs.spans, lengths.max_context)
-        log_p, log_q = refs.float_logits.log_softmax(-1), faulty.log_softmax(-1)
         rows.append({"fault": label, "mean_kl": mean_kl(refs.float_logits, faulty),
-                     "worst_kl": (log_p.exp() * (log_p - log_q)).sum(-1).max().item(),
+                     "worst_kl": position_kls(refs.float_logits, faulty).max().item(),
                      "relative_diff": relative_diff(refs.float_logits, faulty),
                      "top1_agreement": top1_agreement(refs.float_logits, faulty)})
     return rows
@@ -243,18 +270,45 @@ def float_effects(bundle: Path, source: str | None = None) -> list[dict]:
 
 def summary(parity: dict) -> dict:
     return {key: parity.get(key) for key in ("passed", "relative_diff", "max_relative_diff", "top1_agreement",
-                                            "min_top1", "mean_kl", "max_mean_kl", "reset_max_abs_diff",
+                                            "min_top1", "mean_kl", "max_mean_kl", "worst_positions_kl",
+                                            "max_worst_positions_kl",
+                                            "reset_max_abs_diff",
                                             "reset_allowed")} | {
         "weights_differ": (parity.get("weights") or {}).get("differ")}
 
 
+def print_step(name: str, seconds: float | None) -> None:
+    if seconds is not None:
+        print(f"  {name} {seconds:.1f} s", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
+    with progress.reporting(print_step):  # each step's time on stderr: minutes each at 0.8B
+        return measure_and_print(argv)
+
+
+def measure_and_print(argv) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--source")
     parser.add_argument("--float-effects", action="store_true",
                         help="instead: each structural fault's effect on the float model (float_effects)")
+    parser.add_argument("--correct-samples", type=int, metavar="N",
+                        help="instead: N more right programs against the bars (correct_samples)")
     args = parser.parse_args(argv)
+    if args.correct_samples:
+        rows = correct_samples(args.bundle, args.source, args.correct_samples)
+        print(f"| seed | relative diff | top-1 | mean KL | KL, {WORST_POSITIONS} worst positions | refused by |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for row in rows:
+            print(f"| {row['seed']} | {row['relative_diff']:.4f} | {row['top1_agreement']:.3f} | {row['mean_kl']:.2e} "
+                  f"| {row['worst_positions_kl']:.2e} | {', '.join(row['refused_by']) or '-'} |")
+        first = rows[0]
+        print(f"bars: relative {first['max_relative_diff']:.4f}, top-1 {first['min_top1']:.3f}, mean KL "
+              f"{first['max_mean_kl']:.2e}, KL at the {WORST_POSITIONS} worst positions {first['max_worst_positions_kl']:.2e}")
+        for bar in BARS:
+            print(f"{bar}: refused {sum(bar in row['refused_by'] for row in rows)} of {len(rows)} right programs")
+        return 0
     if args.float_effects:
         print("| fault, float model against float model | mean KL | worst position's KL | relative | top-1 |")
         print("| --- | --- | --- | --- | --- |")
@@ -263,13 +317,15 @@ def main(argv=None) -> int:
                   f"| {row['top1_agreement']:.2f} |")
         return 0
     rows = measure_all(args.bundle, args.source)
-    print("| mutant | expected | gate | relative diff (bar) | top-1 (bar) | mean KL (bar) | after reset (allowed) "
-          "| weights differ |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| mutant | expected | gate | relative diff (bar) | top-1 (bar) | mean KL (bar) "
+          f"| KL, {WORST_POSITIONS} worst positions (bar) "
+          "| after reset (allowed) | weights differ |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print(f"| {row['mutant']} | {row['expect']} | {'pass' if row['passed'] else 'refused'} "
               f"| {row['relative_diff']:.4f} ({row['max_relative_diff']:.4f}) | {row['top1_agreement']:.3f} "
-              f"({row['min_top1']:.3f}) | {row['mean_kl']:.2e} ({row['max_mean_kl']:.2e}) | {row['reset_max_abs_diff']:.3g} "
+              f"({row['min_top1']:.3f}) | {row['mean_kl']:.2e} ({row['max_mean_kl']:.2e}) "
+              f"| {row['worst_positions_kl']:.2e} ({row['max_worst_positions_kl']:.2e}) | {row['reset_max_abs_diff']:.3g} "
               f"({row['reset_allowed']:.3g}) | {', '.join(row['weights_differ'] or []) or '-'} |")
     wrong = [row["mutant"] for row in rows if (row["expect"] == "pass") != bool(row["passed"])]
     if wrong:

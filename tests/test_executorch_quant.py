@@ -10,7 +10,7 @@ import torch
 from qwen_mobile.backends.executorch import BACKEND
 from qwen_mobile.bundle import gate_bundle
 from qwen_mobile.checkpoint import load
-from qwen_mobile.parity import top1_bar
+from qwen_mobile.parity import FLOOR_SAMPLES, top1_bar
 from qwen_mobile.quant.plan import make_plan, resolve_scheme, scheme_from_manifest
 
 
@@ -58,9 +58,12 @@ def test_the_program_matches_the_plan_in_eager_and_reports_against_float(exporte
     assert gate["passed"] and gate["reference"] == "eager model with the same quantization plan"
     # dynamic activations: the bar is the fixed 2e-2 or twice the noise floor measured on this checkpoint
     floor = gate["noise_floor"]
-    assert gate["max_relative_diff"] == max(2e-2, 2 * max(floor["relative_diffs"])) and floor["samples"] == 4
+    assert gate["max_relative_diff"] == max(2e-2, 2 * max(floor["relative_diffs"])) and floor["samples"] == FLOOR_SAMPLES
     assert gate["relative_diff"] <= gate["max_relative_diff"] and gate["top1_agreement"] >= 0.99
     assert gate["max_mean_kl"] == 2 * max(floor["mean_kls"]) and gate["mean_kl"] <= gate["max_mean_kl"]
+    assert gate["max_worst_positions_kl"] == 2 * max(floor["worst_positions_kls"])
+    assert gate["worst_positions_kl"] <= gate["max_worst_positions_kl"]
+    assert all(worst >= mean for worst, mean in zip(floor["worst_positions_kls"], floor["mean_kls"]))
     assert gate["min_top1"] == min(0.99, top1_bar(floor["top1_agreements"], floor["positions"]))
     assert gate["weights"] == {"checked": len(json.loads((exported / "manifest.json").read_text())["quant"]["layers"]),
                                "differ": []}

@@ -37,5 +37,5 @@ def test_every_structural_mutant_fails_the_numeric_gate(rows):
     assert len(structural) == 5
     for name, row in structural.items():
         numeric = (row["relative_diff"] > row["max_relative_diff"] or row["top1_agreement"] < row["min_top1"]
-                   or row["mean_kl"] > row["max_mean_kl"])
+                   or row["mean_kl"] > row["max_mean_kl"] or row["worst_positions_kl"] > row["max_worst_positions_kl"])
         assert not row["passed"] and (numeric or row["reset_max_abs_diff"] > row["reset_allowed"]), (name, row)
