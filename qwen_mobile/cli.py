@@ -291,7 +291,8 @@ def _gate_table(bundle: Path, result: dict) -> Table:
     for runtime, parity in result["runtimes"].items():
         table.add_row(runtime, "pass" if parity["passed"] else "FAIL", bar(parity["ratio_to_std"], parity["tolerance"]),
                       bar(parity["relative_diff"], parity["max_relative_diff"]),
-                      bar(parity["mean_kl"], parity["max_mean_kl"]), bar(parity["worst_positions_kl"], parity["max_worst_positions_kl"]),
+                      bar(parity["mean_kl"], parity["max_mean_kl"]),
+                      bar(parity["worst_positions_kl"], parity["max_worst_positions_kl"]),
                       bar(parity["top1_agreement"], parity["min_top1"], above=True),
                       bar(parity["reset_max_abs_diff"], parity["reset_allowed"]))
     weights = result["weights"]

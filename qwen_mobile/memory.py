@@ -44,8 +44,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         block = weight[start:start + rows]
         if buffer is not None:
             block = buffer[: block.shape[0]].copy_(block)
+        bias_rows = None if bias is None else bias[start:start + rows]
         for sequence, result in zip(sequences, results):
-            result[..., start:start + rows] = F.linear(sequence, block, None if bias is None else bias[start:start + rows])
+            result[..., start:start + rows] = F.linear(sequence, block, bias_rows)
     return out
 
 

@@ -30,8 +30,8 @@ fed identically, by the gate the plan calls for (`gate_for`):
   programs (docs/parity.md, measured). Top-1 gets the bar a correct program misses with
   probability below FALSE_REFUSAL (top1_bar: the floor's pooled flip rate, bounded above, then
   the binomial tail), since on near-flat logits each position's argmax is a coin toss a right
-  program may lose. What the floor hides (a scale off by a few percent, two int4 values swapped) the weight check sees: a
-  backend that can read its artifact's weights back (Backend.missing_weights) has every
+  program may lose. What the floor hides (a scale off by a few percent, two int4 values
+  swapped) the weight check sees: a backend that can read its artifact's weights back (Backend.missing_weights) has every
   planned integer and scale compared with the plan, exactly;
 - reduced-precision compute (fp16) against the float model: top-1 agreement >= 99%.
 """
@@ -253,6 +253,7 @@ def position_kls(reference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 
 def mean_kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    """position_kls averaged over the positions."""
     return position_kls(reference, logits).mean().item()
 
 

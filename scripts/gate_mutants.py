@@ -305,7 +305,8 @@ def measure_and_print(argv) -> int:
                   f"| {row['worst_positions_kl']:.2e} | {', '.join(row['refused_by']) or '-'} |")
         first = rows[0]
         print(f"bars: relative {first['max_relative_diff']:.4f}, top-1 {first['min_top1']:.3f}, mean KL "
-              f"{first['max_mean_kl']:.2e}, KL at the {WORST_POSITIONS} worst positions {first['max_worst_positions_kl']:.2e}")
+              f"{first['max_mean_kl']:.2e}, KL at the {WORST_POSITIONS} worst positions "
+              f"{first['max_worst_positions_kl']:.2e}")
         for bar in BARS:
             print(f"{bar}: refused {sum(bar in row['refused_by'] for row in rows)} of {len(rows)} right programs")
         return 0
@@ -325,7 +326,8 @@ def measure_and_print(argv) -> int:
         print(f"| {row['mutant']} | {row['expect']} | {'pass' if row['passed'] else 'refused'} "
               f"| {row['relative_diff']:.4f} ({row['max_relative_diff']:.4f}) | {row['top1_agreement']:.3f} "
               f"({row['min_top1']:.3f}) | {row['mean_kl']:.2e} ({row['max_mean_kl']:.2e}) "
-              f"| {row['worst_positions_kl']:.2e} ({row['max_worst_positions_kl']:.2e}) | {row['reset_max_abs_diff']:.3g} "
+              f"| {row['worst_positions_kl']:.2e} ({row['max_worst_positions_kl']:.2e}) "
+              f"| {row['reset_max_abs_diff']:.3g} "
               f"({row['reset_allowed']:.3g}) | {', '.join(row['weights_differ'] or []) or '-'} |")
     wrong = [row["mutant"] for row in rows if (row["expect"] == "pass") != bool(row["passed"])]
     if wrong:
