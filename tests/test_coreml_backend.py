@@ -17,6 +17,7 @@ from qwen_mobile.bundle import gate_bundle, validate_manifest
 from qwen_mobile.checkpoint import load, stop_token_ids
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.export import export_bundle
+from qwen_mobile.quant.plan import QuantPlan, resolve_scheme
 
 pytest.importorskip("coremltools")
 
@@ -221,3 +222,12 @@ def test_schemes_it_cannot_encode_are_refused_by_name():
 @pytest.mark.skipif(sys.platform != "darwin", reason="Core ML runs only on Apple systems")
 def test_core_ml_itself_agrees_on_macos(remeasured):
     assert list(remeasured["runtimes"]) == ["coreml"] and remeasured["passed"]
+
+
+def test_the_conversion_draws_no_progress_bars(loaded, capfd):
+    # the CLI prints its own steps; coremltools' tqdm bars (one per pass pipeline and frontend) would
+    # fill the terminal between them
+    plan = QuantPlan(resolve_scheme("fp32"), {})
+    lower.convert_function(loaded.model, 64, None, "float32", lower.split_kinds("float32", "float32"), plan)
+    err = capfd.readouterr().err
+    assert "Running MIL" not in err and "Converting PyTorch Frontend" not in err, err[-300:]

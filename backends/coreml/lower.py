@@ -171,19 +171,35 @@ def numpy_dtype(name: str):
     return {"float32": np.float32, "float16": np.float16}[name]
 
 
+# where coremltools 9.0 makes its progress bars: (module, the name it calls tqdm by)
+PROGRESS_BARS = (("coremltools.converters.mil.mil.passes.pass_pipeline", "tqdm"),
+                 ("coremltools.converters.mil.frontend.torch.ops", "_tqdm"))
+
+
 @contextlib.contextmanager
 def quiet():
-    """coremltools reports progress bars and untested-version notes on stderr; keep the CLI's output clean."""
+    """coremltools reports progress bars and untested-version notes on stderr; keep the CLI's output
+    clean (its bars are tqdm's, which it offers no switch for: each is made with disable=True here)."""
+    import importlib
     import logging
+    from functools import partial
+
+    from tqdm import tqdm
 
     logger = logging.getLogger("coremltools")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    modules = [(importlib.import_module(module), name) for module, name in PROGRESS_BARS]
+    bars = [getattr(module, name) for module, name in modules]
     try:
+        for module, name in modules:
+            setattr(module, name, partial(tqdm, disable=True))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
+        for (module, name), bar in zip(modules, bars):
+            setattr(module, name, bar)
         logger.setLevel(level)
 
 
