@@ -31,16 +31,16 @@ fed identically, by the gate the plan calls for (`gate_for`):
   probability below FALSE_REFUSAL (top1_bar: the floor's pooled flip rate, bounded above, then
   the binomial tail), since on near-flat logits each position's argmax is a coin toss a right
   program may lose. What the floor hides (a scale off by a few percent, two int4 values
-  swapped) the weight check sees: a backend that can read its artifact's weights back (Backend.missing_weights) has every
-  planned integer and scale compared with the plan, exactly;
+  swapped) the weight check sees: a backend that can read its artifact's weights back
+  (Backend.missing_weights) has every planned integer and scale compared with the plan, exactly;
 - reduced-precision compute (fp16) against the float model: top-1 agreement >= 99%.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from statistics import NormalDist
 
@@ -182,16 +182,28 @@ class Parity:
     max_worst_positions_kl: float | None
     noise_floor: dict | None  # plans with dynamic activations: what the bars were widened from
 
+    @classmethod
+    def from_manifest(cls, parity: dict) -> Parity:
+        """The figures of a to_manifest() dict (or gate_artifact's, which holds them at its top level)."""
+        return cls(**{field.name: parity[field.name] for field in fields(cls)})
+
+    def refused_by(self) -> list[str]:
+        """The checks this artifact fails, by name; none when it passes."""
+        # each comparison is written so that a NaN fails it
+        checks = {
+            "max|diff|": self.tolerance is None or bool(self.ratio_to_std <= self.tolerance),
+            "relative": self.max_relative_diff is None or bool(self.relative_diff <= self.max_relative_diff),
+            "mean KL": self.max_mean_kl is None or bool(self.mean_kl <= self.max_mean_kl),
+            "worst positions' KL": self.max_worst_positions_kl is None
+            or bool(self.worst_positions_kl <= self.max_worst_positions_kl),
+            "top-1": self.min_top1 is None or bool(self.top1_agreement >= self.min_top1),
+            "after reset": bool(self.reset_max_abs_diff <= self.reset_allowed),
+        }
+        return [name for name, holds in checks.items() if not holds]
+
     @property
     def passed(self) -> bool:
-        # each comparison is written so that a NaN fails it
-        close = self.tolerance is None or bool(self.ratio_to_std <= self.tolerance)
-        close = close and (self.max_relative_diff is None or bool(self.relative_diff <= self.max_relative_diff))
-        close = close and (self.max_mean_kl is None or bool(self.mean_kl <= self.max_mean_kl))
-        close = close and (self.max_worst_positions_kl is None
-                           or bool(self.worst_positions_kl <= self.max_worst_positions_kl))
-        agrees = self.min_top1 is None or bool(self.top1_agreement >= self.min_top1)
-        return close and agrees and bool(self.reset_max_abs_diff <= self.reset_allowed)
+        return not self.refused_by()
 
     def summary(self) -> str:
         allowed = f" (allowed {self.tolerance:g})" if self.tolerance is not None else ""
@@ -457,7 +469,7 @@ def require_parity(backend: Backend, directory: Path, manifest: dict, refs: Refe
         )
     for runtime, result in parity["runtimes"].items():
         if not result["passed"]:
-            summary = Parity(**{k: v for k, v in result.items() if k != "passed"}).summary()
+            summary = Parity.from_manifest(result).summary()
             raise QwenMobileError(
                 f"{manifest['artifact']}: the {backend.spec.name} runtime ({runtime}) disagrees with the eager "
                 f"model: {summary}"

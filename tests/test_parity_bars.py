@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from qwen_mobile.parity import FALSE_REFUSAL, FLOOR_SAMPLES, top1_bar
+from qwen_mobile.parity import FALSE_REFUSAL, FLOOR_SAMPLES, Parity, top1_bar
 from qwen_mobile.quant.eager import _perturbed
 
 POSITIONS = 100
@@ -68,3 +68,17 @@ def test_the_batched_floor_rounds_each_row_as_its_own_seed_would():
     for row, seed in enumerate((0, 7, 1000)):
         assert torch.equal(rows[row], _perturbed(x[row : row + 1], seed, 2.0)[0])
     assert not torch.equal(rows[0], rows[1]) and (rows - x).abs().max() <= 2.0 * 2**-23 * x.abs().max()
+
+
+def test_each_failed_check_is_named_and_a_nan_fails_its_check():
+    figures = dict(reference="plan", max_abs_diff=1.0, reference_std=1.0, ratio_to_std=1.0, tolerance=None,
+                   relative_diff=0.1, max_relative_diff=0.2, top1_agreement=0.9, min_top1=0.8, positions_checked=100,
+                   tokens_fed=100, prefill_chunks=[40, 17, 7], decode_steps=97, reset_max_abs_diff=0.0,
+                   reset_allowed=1e-3, versus_float=None, mean_kl=1e-3, max_mean_kl=2e-3, worst_positions_kl=5e-3,
+                   max_worst_positions_kl=4e-3, noise_floor=None)
+    parity = Parity(**figures)
+    assert parity.refused_by() == ["worst positions' KL"] and not parity.passed
+    assert Parity.from_manifest({**parity.to_manifest(), "runtimes": {}}) == parity
+    nan = Parity(**{**figures, "worst_positions_kl": 0.0, "mean_kl": float("nan")})
+    assert nan.refused_by() == ["mean KL"] and not nan.passed
+    assert Parity(**{**figures, "worst_positions_kl": 0.0}).passed
