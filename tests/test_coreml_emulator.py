@@ -121,6 +121,22 @@ def test_blockwise_shift_scale_by_hand():
     np.testing.assert_array_equal(emulator_ops.constexpr_blockwise_shift_scale(data, scale, offset), expected)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_blockwise_shift_scale_a_block_of_rows_at_a_time_gives_the_whole_computation(monkeypatch, dtype):
+    generator = np.random.default_rng(0)
+    data = generator.integers(-8, 8, size=(12, 3, 8)).astype(np.int8)  # a conv-shaped weight too
+    scale = generator.uniform(0.01, 2.0, size=(6, 3, 2)).astype(dtype)  # blocks of 2 rows, 4 columns
+    offset = generator.integers(-2, 3, size=(6, 3, 2)).astype(np.int8)
+    def by_element(t):
+        return t.astype(np.float32).repeat(2, 0).repeat(4, 2)
+
+    whole = (data.astype(np.float32) - by_element(offset)) * by_element(scale)
+    monkeypatch.setattr(emulator_ops, "DEQUANTIZED_BLOCK_ELEMENTS", 3 * 8 * 3)  # rounds up to whole scale blocks
+    result = emulator_ops.constexpr_blockwise_shift_scale(data, scale, offset)
+    assert result.dtype == dtype
+    np.testing.assert_array_equal(result, whole.astype(dtype))
+
+
 def test_int4_unpacking_is_low_nibble_first_and_signed():
     raw = np.array([0x21, 0xF8], np.uint8)
     assert emulator.unpack_sub_byte(raw, 25, 4).tolist() == [1, 2, -8, -1]
