@@ -231,3 +231,13 @@ def test_the_conversion_draws_no_progress_bars(loaded, capfd):
     lower.convert_function(loaded.model, 64, None, "float32", lower.split_kinds("float32", "float32"), plan)
     err = capfd.readouterr().err
     assert "Running MIL" not in err and "Converting PyTorch Frontend" not in err, err[-300:]
+
+
+def test_opening_the_backend_prints_nothing_of_coremltools_import_notes():
+    import subprocess
+
+    code = ("from qwen_mobile.registry import get_backend; get_backend('coreml', None)[0].load(); "
+            "import coremltools")
+    finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert "coremltools" not in finished.stderr, finished.stderr  # torchao's own import notes may remain

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import collections
+import logging
 from pathlib import Path
 
 from qwen_mobile.models.qwen3_5 import STATE_TENSOR_NAMES, StateTensor
 from qwen_mobile.registry import Backend, ExportTarget, Lengths, Runner
 
 from . import compress, emulator, lower, runtime
+
+# coremltools announces as it is imported that this OS has no Core ML runtime (the emulator runs
+# the program here) and that versions this project pins are untested: ten lines of stderr on
+# every command that opens the backend. Its errors still show.
+logging.getLogger("coremltools").setLevel(logging.ERROR)
 
 # Measured with drift.measure(model) on qwen3.5-tiny (2,048 tokens, one per call, 50 s on one
 # core). Not material: fp16 compute stores the recurrent state as one fp16 state (the
