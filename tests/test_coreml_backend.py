@@ -233,6 +233,37 @@ def test_the_conversion_draws_no_progress_bars(loaded, capfd):
     assert "Running MIL" not in err and "Converting PyTorch Frontend" not in err, err[-300:]
 
 
+def test_the_functions_share_exactly_the_constants_coremltools_own_pass_would_pair():
+    """exact_shared_weights pairs equal constants by a digest of their bytes (coremltools' pass compares
+    candidates with np.allclose in float64: 5.9 GiB at 0.8B). Same pairs, and the pass is given back."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+
+    weight = np.arange(800, dtype=np.float32).reshape(4, 200)
+    nudged = weight.copy()
+    nudged[3, 199] = np.nextafter(nudged[3, 199], np.float32(np.inf))  # equal in the first 100 values, then not
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(4, 200))])
+    def program(x):
+        x = mb.add(x=x, y=mb.const(val=weight, name="first"))
+        x = mb.add(x=x, y=mb.const(val=weight.copy(), name="same_value"))
+        return mb.add(x=x, y=mb.const(val=nudged, name="one_ulp_apart"))
+
+    deduplication = type(PASS_REGISTRY["common::const_deduplication"])
+    original = deduplication.__dict__["find_constants"]
+    block = program.functions["main"]
+
+    def pairs():
+        return {first.name: sorted(var.name for var in later)
+                for first, later in deduplication.find_constants([block]).items()}
+
+    theirs = pairs()
+    with lower.exact_shared_weights():
+        ours = pairs()
+    assert ours == theirs == {"first": ["same_value"], "one_ulp_apart": []}
+    assert deduplication.__dict__["find_constants"] is original
+
+
 def test_opening_the_backend_prints_nothing_of_coremltools_import_notes():
     import subprocess
 

@@ -19,7 +19,7 @@ from qwen_mobile.checkpoint import load
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.export import export_bundle
 from qwen_mobile.quant.eager import dequantized
-from qwen_mobile.quant.plan import QuantizedWeight, make_plan, resolve_scheme, scheme_from_manifest
+from qwen_mobile.quant.plan import QuantizedWeight, QuantPlan, make_plan, resolve_scheme, scheme_from_manifest
 
 pytest.importorskip("coremltools")
 
@@ -134,3 +134,19 @@ def test_a_scale_fp16_cannot_hold_is_refused_not_rounded():
     with pytest.raises(QwenMobileError, match="not exactly representable in float16"):
         compress.encoding(weight, np.float16)
     assert compress.encoding(weight, np.float32)["scale"].dtype == np.float32
+
+
+def test_the_plan_index_hashes_a_weight_block_by_block_as_the_converter_writes_it_whole(monkeypatch):
+    from qwen_mobile.quant.plan import round_to_nearest
+
+    weight = round_to_nearest(torch.randn(37, 64, generator=torch.Generator().manual_seed(0)), 4, 32, None)
+    monkeypatch.setattr(compress, "CHUNK_ELEMENTS", 64 * 5)  # blocks of 5 rows, the last one short
+    whole = weight.dequantize().numpy()
+    expected = [compress.weight_key(whole.astype(dtype)) for dtype in compress.FLOAT_DTYPES]
+    assert compress.dequantized_keys(weight) == expected
+    index = compress.PlanIndex(QuantPlan(resolve_scheme("int4"), {"layer.weight": weight}))
+    assert index.names(whole.astype(np.float16)) == ["layer.weight"]
+    assert index.names(np.asfortranarray(whole)) == ["layer.weight"]  # a const laid out column-major is the same value
+    moved = whole.copy()
+    moved[36, 63] = np.nextafter(moved[36, 63], np.float32(np.inf))
+    assert index.names(moved) == []

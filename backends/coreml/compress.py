@@ -19,7 +19,7 @@ import hashlib
 import numpy as np
 
 from qwen_mobile.errors import QwenMobileError
-from qwen_mobile.quant.plan import QuantizedWeight, QuantPlan
+from qwen_mobile.quant.plan import CHUNK_ELEMENTS, QuantizedWeight, QuantPlan
 
 PASS_NAMESPACE = "qwen_mobile"
 PASS_NAME = "encode_quant_plan"
@@ -71,7 +71,22 @@ def encoding(weight: QuantizedWeight, float_dtype) -> dict[str, np.ndarray | Non
 
 
 def weight_key(array: np.ndarray) -> tuple:
-    return array.shape, array.dtype.str, hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
+    # hashed through a view of the array's own bytes: a const of the program is not copied to be looked up
+    return array.shape, array.dtype.str, hashlib.sha1(np.ascontiguousarray(array).data).hexdigest()
+
+
+def dequantized_keys(weight: QuantizedWeight) -> list[tuple]:
+    """weight_key of the weight's dequantized values in each of FLOAT_DTYPES, hashed a block of rows
+    at a time: the whole weight is never made, in either dtype (at 0.8B, making each whole for
+    its hash took the conversion 2.8 GiB over what it held)."""
+    shape = tuple(weight.qdata.shape)
+    digests = {dtype: hashlib.sha1() for dtype in FLOAT_DTYPES}
+    step = max(1, CHUNK_ELEMENTS // max(1, shape[1]))
+    for start in range(0, shape[0], step):
+        rows = weight.dequantize_rows(slice(start, start + step)).numpy()
+        for dtype, digest in digests.items():
+            digest.update(np.ascontiguousarray(rows.astype(dtype, copy=False)).data)
+    return [(shape, np.dtype(dtype).str, digest.hexdigest()) for dtype, digest in digests.items()]
 
 
 class PlanIndex:
@@ -81,9 +96,8 @@ class PlanIndex:
         self.plan = plan
         self.by_key: dict[tuple, list[str]] = {}
         for name, weight in plan.weights.items():
-            dequantized = weight.dequantize().numpy()
-            for dtype in FLOAT_DTYPES:
-                self.by_key.setdefault(weight_key(dequantized.astype(dtype)), []).append(name)
+            for key in dequantized_keys(weight):
+                self.by_key.setdefault(key, []).append(name)
 
     def names(self, value) -> list[str]:
         if not isinstance(value, np.ndarray) or value.ndim != 2 or value.dtype.type not in FLOAT_DTYPES:

@@ -35,9 +35,10 @@ import torch
 from torch import nn
 
 from qwen_mobile.errors import QwenMobileError
+from qwen_mobile.memory import return_freed_memory
 from qwen_mobile.models.qwen3_5 import Qwen35, StateTensor, state_from_tensors, state_tensors, state_to_tensors
-from qwen_mobile.quant.eager import dequantized
-from qwen_mobile.quant.plan import QuantPlan
+from qwen_mobile.quant.eager import dequantize_in_place, dequantized
+from qwen_mobile.quant.plan import QuantPlan, release_planned_weights
 
 from . import composite, compress
 
@@ -203,18 +204,65 @@ def quiet():
         logger.setLevel(level)
 
 
-def lower(model: Qwen35, plan: QuantPlan, out: Path, max_context: int, chunk: int, recurrent_dtype: str) -> Lowered:
-    """Convert both functions and save them as one multifunction mlpackage at `out`."""
+@contextlib.contextmanager
+def exact_shared_weights():
+    """save_multifunction finds the constants the functions share with coremltools' const_deduplication
+    pass, which compares each candidate pair with np.allclose: both widened to float64, 5.9 GiB
+    over the rest of the merge at 0.8B (the embedding's integers alone are 254 M values). Inside
+    the block the pass pairs constants by a digest of their bytes instead: exact equality, which
+    is what two functions converted from one model's weights share (what coremltools' own
+    comparison also finds there, without the float64 copies). Restored afterwards (it is global)."""
+    from coremltools.converters.mil.mil import ListVar
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+
+    deduplication = type(PASS_REGISTRY["common::const_deduplication"])
+    original = deduplication.__dict__["find_constants"]
+
+    def find_constants(blocks) -> dict:
+        """The pass's own contract: first constant of each value -> the later ones equal to it."""
+        first_of, later = {}, {}
+        for block in blocks:
+            for op in block.operations:
+                if op.op_type != "const" or isinstance(op.outputs[0], ListVar):
+                    continue
+                var = op.outputs[0]
+                if not deduplication.should_be_deduplicated(var.val):
+                    continue
+                key = (getattr(op, "weight_key", None), var.dtype, compress.weight_key(np.asarray(var.val)))
+                first = first_of.setdefault(key, var)
+                later.setdefault(first, [])
+                if first is not var:
+                    later[first].append(var)
+        return later
+
+    deduplication.find_constants = staticmethod(find_constants)
+    try:
+        yield
+    finally:
+        deduplication.find_constants = original
+
+
+def lower(model: Qwen35, plan: QuantPlan, out: Path, max_context: int, chunk: int, recurrent_dtype: str,
+          keep_float: bool = True) -> Lowered:
+    """Convert both functions and save them as one multifunction mlpackage at `out`. keep_float=False:
+    the caller has no further use for the values of the planned weights, so they are replaced by
+    the dequantized ones for good rather than held beside them (2.8 GiB at 0.8B), and freed once
+    both functions are converted, before coremltools loads both again to merge them."""
     import coremltools as ct
 
-    if next(model.parameters()).dtype != torch.float32:
-        raise QwenMobileError("the coreml export needs the model loaded in float32")
     compute_dtype = plan.scheme.compute_dtype
     started = time.perf_counter()
     lowered = Lowered()
     # the plan's dequantized weights in place of the float ones: the program's constants are
     # then exactly the values the encoding pass replaces with the plan's integers
-    with tempfile.TemporaryDirectory(prefix="coreml-functions-") as scratch, dequantized(model, plan):
+    if keep_float:
+        weights = dequantized(model, plan)
+    else:  # replacing the values is all there is to do: Core ML plans keep activations float (check_encodable)
+        dequantize_in_place(model, plan, narrow=False)
+        weights = contextlib.nullcontext()
+    with tempfile.TemporaryDirectory(prefix="coreml-functions-") as scratch, weights:
+        if any(parameter.dtype != torch.float32 for parameter in model.parameters()):
+            raise QwenMobileError("the coreml export needs the model loaded in float32")
         descriptor = ct.utils.MultiFunctionDescriptor()
         for function, size in (("prefill", chunk), ("decode", None)):
             mlmodel, lowered.encoded[function] = convert_function(
@@ -224,8 +272,11 @@ def lower(model: Qwen35, plan: QuantPlan, out: Path, max_context: int, chunk: in
             mlmodel.save(str(path))
             del mlmodel
             descriptor.add_function(str(path), src_function_name="main", target_function_name=function)
+        if not keep_float:
+            release_planned_weights(model, plan)
+            return_freed_memory()
         descriptor.default_function_name = DEFAULT_FUNCTION
-        with quiet():
+        with quiet(), exact_shared_weights():
             ct.utils.save_multifunction(descriptor, str(out))
     lowered.seconds = time.perf_counter() - started
     return lowered
