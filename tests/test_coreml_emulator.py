@@ -194,3 +194,16 @@ def test_an_unreadable_package_is_a_clear_error(tmp_path):
     (tmp_path / "bad.mlpackage" / emulator.SPEC).write_bytes(b"\x08\x09garbage")
     with pytest.raises(QwenMobileError, match="model.mlmodel"):
         emulator.Package(tmp_path / "bad.mlpackage")
+
+
+def test_a_call_drops_each_value_after_its_last_reader_and_keeps_the_outputs():
+    def op(name, inputs, outputs):
+        return emulator.Operation("add", name, inputs, [(output, 11, None) for output in outputs], {})
+
+    operations = [
+        op("decompress", {"x": "weight_data"}, ["weight"]),          # read by "use" only
+        op("use", {"x": "x", "y": "weight"}, ["h"]),
+        op("unread", {"x": "h"}, ["dead"]),                          # a result nothing reads
+        op("last", {"x": "h", "y": ["x", "h"]}, ["logits"]),         # variadic inputs count too
+    ]
+    assert emulator.last_reads(operations, ["logits"]) == [["weight_data"], ["weight"], ["dead"], ["x", "h"]]

@@ -11,7 +11,7 @@ naming the op, value or file.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,7 @@ class Function:
     state_inputs: list[str]
     operations: list[Operation]
     outputs: list[str]
+    released: list[list[str]] = field(default_factory=list)  # per op: values nothing after it reads (last_reads)
 
     @property
     def op_types(self) -> set[str]:
@@ -106,7 +107,8 @@ class Package:
         for named in function.inputs:
             (states if named.type.HasField("stateType") else inputs).append(named.name)
         operations = [self._operation(op) for op in block.operations]
-        return Function(name, inputs, states, operations, list(block.outputs))
+        outputs = list(block.outputs)
+        return Function(name, inputs, states, operations, outputs, last_reads(operations, outputs))
 
     def _operation(self, op) -> Operation:
         inputs = {}
@@ -220,7 +222,7 @@ class Package:
             env[name] = np.asarray(inputs[name])
         for name in fn.state_inputs:
             env[name] = emulator_ops.StateRef(name, state)
-        for op in fn.operations:
+        for index, op in enumerate(fn.operations):
             implementation = emulator_ops.OPS.get(op.type)
             if implementation is None:
                 raise QwenMobileError(f"{self.path}: the op {op.type!r} ({op.name}) is not implemented by the "
@@ -241,12 +243,35 @@ class Package:
                                       f"the program declares {len(op.outputs)}")
             for result, (name, dtype_code, shape) in zip(results, op.outputs):
                 env[name] = conform(result, dtype_code, shape, op, self.path)
+            for name in fn.released[index]:
+                del env[name]
         return {name: env[name] for name in fn.outputs}
 
     def _const(self, op: Operation):
         if "_value" not in op.attributes:  # decoded once per op
             op.attributes["_value"] = self.value(op.attributes["val"], f"const {op.name}")
         return op.attributes["_value"]
+
+
+def last_reads(operations: list[Operation], outputs: list[str]) -> list[list[str]]:
+    """For each op, the values to drop once it has run: those it is the last to read, and its own
+    results that nothing reads, never a function output. A call then holds a weight its constexpr
+    op decompressed only until the op using it has run, not to the end of the call (at the 2B
+    shape every weight decompressed at once is 3.8 GB of fp16)."""
+    last = {}
+    for index, op in enumerate(operations):
+        for value in op.inputs.values():
+            for name in value if isinstance(value, list) else [value]:
+                if isinstance(name, str):
+                    last[name] = index
+        for name, _, _ in op.outputs:
+            last.setdefault(name, index)
+    released = [[] for _ in operations]
+    kept = set(outputs)
+    for name, index in last.items():
+        if name not in kept:
+            released[index].append(name)
+    return released
 
 
 def resolve(env: dict, value):
