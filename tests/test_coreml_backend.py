@@ -199,7 +199,7 @@ def test_a_failing_gate_leaves_no_bundle(exported, tmp_path, monkeypatch):
     reference is shifted."""
     import qwen_mobile.parity as parity
 
-    def copy_package(model, plan, out, *args):
+    def copy_package(model, plan, out, *args, **kwargs):
         shutil.copytree(exported / "model.mlpackage", out)
         return lower.Lowered(encoded={"prefill": {}, "decode": {}})
 

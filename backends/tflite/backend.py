@@ -28,7 +28,8 @@ class TFLiteBackend(Backend):
     runtimes = tuple(RUNTIMES)
     default_lengths = Lengths(max_context=512, max_chunk=32)
     tools = ("litert-torch", "ai-edge-litert")
-    # the converter takes each planned weight as a float32 signature input, never its value (lower.convert)
+    # the converter takes each planned weight as a float32 signature input: its values never reach
+    # the file (lower.convert)
     lowers_from_dequantized_weights = True
 
     def check(self, plan, lengths: Lengths) -> None:
