@@ -11,7 +11,7 @@ naming the op, value or file.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,7 @@ class Function:
     state_inputs: list[str]
     operations: list[Operation]
     outputs: list[str]
-    released: list[list[str]] = field(default_factory=list)  # per op: values nothing after it reads (last_reads)
+    released: list[list[str]]  # per op: the values to drop once it has run (last_reads)
 
     @property
     def op_types(self) -> set[str]:

@@ -141,7 +141,7 @@ def dequantize_in_place(model: nn.Module, plan: QuantPlan, narrow: bool = True) 
     4-bit integers times bf16 scales fit fp16, half of float32, and `dequantized` widens them
     as the model computes inside memory.widened, which the caller enters (a lowering that traces
     the model inside this block must not). narrow=False holds them in float32, for a lowering
-    that traces the model as it is (the Core ML backend)."""
+    that takes the model as it is (Backend.lowers_from_dequantized_weights)."""
     modules = planned_modules(model)
     for weight, names in sharing_groups(plan):
         if all(getattr(modules[name].weight, "dequantized_from", None) is weight.qdata
