@@ -37,7 +37,7 @@ from torch import nn
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.memory import return_freed_memory
 from qwen_mobile.models.qwen3_5 import Qwen35, StateTensor, state_from_tensors, state_tensors, state_to_tensors
-from qwen_mobile.quant.eager import dequantize_in_place, dequantized
+from qwen_mobile.quant.eager import dequantized
 from qwen_mobile.quant.plan import QuantPlan, release_planned_weights
 
 from . import composite, compress
@@ -245,9 +245,10 @@ def exact_shared_weights():
 def lower(model: Qwen35, plan: QuantPlan, out: Path, max_context: int, chunk: int, recurrent_dtype: str,
           keep_float: bool = True) -> Lowered:
     """Convert both functions and save them as one multifunction mlpackage at `out`. keep_float=False:
-    the caller has no further use for the values of the planned weights, so they are replaced by
-    the dequantized ones for good rather than held beside them (2.8 GiB at 0.8B), and freed once
-    both functions are converted, before coremltools loads both again to merge them."""
+    the model already holds the plan's dequantized weights in float32 in place of the float ones
+    (export.write_bundle gives them so to a backend that lowers from them, rather than beside them:
+    2.8 GiB at 0.8B), and the caller has no further use for them: they are freed once both
+    functions are converted, before coremltools loads both again to merge them."""
     import coremltools as ct
 
     compute_dtype = plan.scheme.compute_dtype
@@ -255,11 +256,7 @@ def lower(model: Qwen35, plan: QuantPlan, out: Path, max_context: int, chunk: in
     lowered = Lowered()
     # the plan's dequantized weights in place of the float ones: the program's constants are
     # then exactly the values the encoding pass replaces with the plan's integers
-    if keep_float:
-        weights = dequantized(model, plan)
-    else:  # replacing the values is all there is to do: Core ML plans keep activations float (check_encodable)
-        dequantize_in_place(model, plan, narrow=False)
-        weights = contextlib.nullcontext()
+    weights = dequantized(model, plan) if keep_float else contextlib.nullcontext()
     with tempfile.TemporaryDirectory(prefix="coreml-functions-") as scratch, weights:
         if any(parameter.dtype != torch.float32 for parameter in model.parameters()):
             raise QwenMobileError("the coreml export needs the model loaded in float32")
