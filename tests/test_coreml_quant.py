@@ -137,10 +137,10 @@ def test_a_scale_fp16_cannot_hold_is_refused_not_rounded():
 
 
 def test_the_plan_index_hashes_a_weight_block_by_block_as_the_converter_writes_it_whole(monkeypatch):
-    from qwen_mobile.quant.plan import round_to_nearest
+    import qwen_mobile.quant.plan as plan_module
 
-    weight = round_to_nearest(torch.randn(37, 64, generator=torch.Generator().manual_seed(0)), 4, 32, None)
-    monkeypatch.setattr(compress, "CHUNK_ELEMENTS", 64 * 5)  # blocks of 5 rows, the last one short
+    weight = plan_module.round_to_nearest(torch.randn(37, 64, generator=torch.Generator().manual_seed(0)), 4, 32, None)
+    monkeypatch.setattr(plan_module, "CHUNK_ELEMENTS", 64 * 5)  # blocks of 5 rows, the last one short
     whole = weight.dequantize().numpy()
     expected = [compress.weight_key(whole.astype(dtype)) for dtype in compress.FLOAT_DTYPES]
     assert compress.dequantized_keys(weight) == expected

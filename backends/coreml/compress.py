@@ -19,7 +19,7 @@ import hashlib
 import numpy as np
 
 from qwen_mobile.errors import QwenMobileError
-from qwen_mobile.quant.plan import CHUNK_ELEMENTS, QuantizedWeight, QuantPlan
+from qwen_mobile.quant.plan import QuantizedWeight, QuantPlan, chunk_rows
 
 PASS_NAMESPACE = "qwen_mobile"
 PASS_NAME = "encode_quant_plan"
@@ -81,7 +81,7 @@ def dequantized_keys(weight: QuantizedWeight) -> list[tuple]:
     its hash took the conversion 2.8 GiB over what it held)."""
     shape = tuple(weight.qdata.shape)
     digests = {dtype: hashlib.sha1() for dtype in FLOAT_DTYPES}
-    step = max(1, CHUNK_ELEMENTS // max(1, shape[1]))
+    step = chunk_rows(shape[1])
     for start in range(0, shape[0], step):
         rows = weight.dequantize_rows(slice(start, start + step)).numpy()
         for dtype, digest in digests.items():

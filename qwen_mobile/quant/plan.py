@@ -139,11 +139,16 @@ class QuantizedWeight:
         )
 
 
+def chunk_rows(columns: int) -> int:
+    """How many rows of a weight `columns` wide make one chunk of CHUNK_ELEMENTS (at least one)."""
+    return max(1, CHUNK_ELEMENTS // max(1, columns))
+
+
 def filled_by_rows(dtype: torch.dtype, make_rows, shape: tuple[int, int]) -> torch.Tensor | None:
     """make_rows(rows)'s values for every row slice of `shape`, made a few rows at a time, held in
     `dtype`; None when one of them is not exactly representable in it (float32 holds any)."""
     values = torch.empty(shape, dtype=dtype)
-    step = max(1, CHUNK_ELEMENTS // max(1, shape[1]))
+    step = chunk_rows(shape[1])
     for start in range(0, shape[0], step):
         rows = slice(start, start + step)
         chunk = make_rows(rows)
@@ -181,7 +186,7 @@ def round_to_nearest(
     # Each row is quantized on its own (groups lie within a row), so a few rows at a time give the
     # same integers while the float temporaries torchao makes stay at a chunk's size: whole, the
     # 0.8B embedding (1 GiB in fp32) took 2 GiB more at planning, the export's peak at the time.
-    step = max(1, CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    step = chunk_rows(weight.shape[1])
     parts = [rows(weight[start:start + step]) for start in range(0, weight.shape[0], step)]
     qdata, scale, zero_point = (torch.cat(tensors) for tensors in zip(*parts))
     return QuantizedWeight(qdata, scale, zero_point, bits, group_size, activations)
