@@ -75,7 +75,7 @@ def test_lowering_sees_the_planned_float_weights_only_where_the_backend_reads_th
 
 def test_a_lowering_from_dequantized_weights_is_given_them_in_float32(monkeypatch, tmp_path):
     """The gate's references do not give the float weights back to a backend that lowers from the
-    dequantized ones (Core ML, TFLite): it is given those, made from the plan's integers, in float32."""
+    dequantized ones (Core ML): it is given those, made from the plan's integers, in float32."""
     seen = {}
 
     def lower(self, target, directory):

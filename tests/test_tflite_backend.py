@@ -5,6 +5,7 @@ One export (the slow part, about two minutes on two shared cores) is shared by t
 the tests that need a failing or refused export reuse its flatbuffer instead of converting again.
 """
 
+import copy
 import json
 import shutil
 from dataclasses import replace
@@ -20,7 +21,7 @@ from qwen_mobile.checkpoint import load, stop_token_ids
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.export import export_bundle
 from qwen_mobile.models.qwen3_5 import GatedDeltaNet
-from qwen_mobile.quant.plan import make_plan, resolve_scheme
+from qwen_mobile.quant.plan import make_plan, release_planned_weights, resolve_scheme
 
 PROMPT = "ROMEO:\nWhat light"
 
@@ -391,9 +392,13 @@ def test_a_4bit_export_carries_the_plans_integers_and_passes_the_gate_through_bo
 def test_an_8da8w_conversion_feeds_every_planned_linear_its_int8_filter_directly(loaded):
     """TFLite's hybrid FULLY_CONNECTED for every linear the plan quantizes: the plan's int8 integers and
     scales as the filter, no DEQUANTIZE in front, each input row quantized with its own scale and zero
-    point; the tied lm_head takes the embedding's integers. The linears the plan keeps float stay float."""
+    point; the tied lm_head takes the embedding's integers. The linears the plan keeps float stay float.
+    Converted from a model whose planned weights are released, as a single-plan export lowers it
+    (lowering_reads_planned_weights False): every integer in the file can only be the plan's."""
     plan = make_plan(loaded.model, resolve_scheme("8da8w"))
-    flatbuffer = lower.convert(loaded.model, 96, DEFAULTS.max_chunk, plan)
+    released = copy.deepcopy(loaded.model)
+    release_planned_weights(released, plan)
+    flatbuffer = lower.convert(released, 96, DEFAULTS.max_chunk, plan)
     tied = loaded.model.config.tie_word_embeddings
     linears = {"embed_tokens.weight" if tied and name == "lm_head.weight" else name
                for name, weight in plan.weights.items() if weight.activations}

@@ -28,9 +28,9 @@ class TFLiteBackend(Backend):
     runtimes = tuple(RUNTIMES)
     default_lengths = Lengths(max_context=512, max_chunk=32)
     tools = ("litert-torch", "ai-edge-litert")
-    # the converter takes each planned weight as a float32 signature input: its values never reach
-    # the file (lower.convert)
-    lowers_from_dequantized_weights = True
+    # the converter takes each planned weight as a float32 signature input traced through a
+    # placeholder: its values are never read, and quantize.encode writes the plan's (lower.convert)
+    lowering_reads_planned_weights = False
 
     def check(self, plan, lengths: Lengths) -> None:
         from . import quantize

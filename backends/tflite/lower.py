@@ -88,7 +88,7 @@ class SignatureModule(nn.Module):
             inputs["length"] = torch.full((1,), length, dtype=torch.int32)
         inputs.update(state_specs(self.model.config, max_context))
         parameters = dict(self.model.named_parameters())
-        inputs.update({key: parameters[name].detach() for key, name in self.weights.items()})
+        inputs.update({key: placeholder(parameters[name]) for key, name in self.weights.items()})
         return inputs
 
     def forward(self, tokens, input_pos, length=None, **named):
@@ -101,6 +101,24 @@ class SignatureModule(nn.Module):
         for name, tensor in state_to_tensors(new_state).items():
             outputs[name + OUTPUT_SUFFIX] = tensor
         return outputs
+
+
+def placeholder(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 tensor of the weight's shape whose one element is repeated by stride 0: a sample
+    input the exporter traces shapes through without the weight's values (which may be released)."""
+    return torch.zeros((), dtype=torch.float32).expand(weight.shape)
+
+
+def without_unread_attributes(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Drop every parameter and buffer no node reads: the planned weights, which come in as
+    signature inputs. The converter re-exports the module and copies each attribute it lifts
+    into a constant, read or not (litert-torch's inline_consts)."""
+    read = {node.target for node in module.graph.nodes if node.op == "get_attr"}
+    for name, _ in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        if name not in read:
+            owner, _, attribute = name.rpartition(".")
+            delattr(module.get_submodule(owner), attribute)
+    return module
 
 
 def fold_constants(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -159,7 +177,7 @@ def convert(model: Qwen35, max_context: int, chunk: int, plan: QuantPlan | None 
         with torch.no_grad(), swapped(model, MODULE_SWAPS):
             exported = torch.export.export(signature, (), inputs, strict=False)
         exported = exported.run_decompositions(decompositions(chunk))
-        converter.signature(name, fold_constants(exported.module()), sample_kwargs=inputs)
+        converter.signature(name, without_unread_attributes(fold_constants(exported.module())), sample_kwargs=inputs)
     with torch.no_grad():
         edge = converter.convert(strict_export=False)
     flatbuffer = bytes(edge.model_content())
