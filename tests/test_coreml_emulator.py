@@ -137,6 +137,19 @@ def test_blockwise_shift_scale_a_block_of_rows_at_a_time_gives_the_whole_computa
     np.testing.assert_array_equal(result, whole.astype(dtype))
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_linear_a_block_of_weight_rows_at_a_time_gives_the_whole_computation(monkeypatch, dtype):
+    generator = np.random.default_rng(1)
+    x = generator.standard_normal((1, 5, 16)).astype(dtype)
+    weight = generator.standard_normal((23, 16)).astype(dtype)  # 23 rows: the last block is short
+    bias = generator.standard_normal(23).astype(np.float32)
+    whole = np.matmul(x.astype(np.float32), weight.astype(np.float32).T) + bias
+    monkeypatch.setattr(emulator_ops, "DEQUANTIZED_BLOCK_ELEMENTS", 4 * 16)
+    result = emulator_ops.linear(x, weight, bias)
+    assert result.dtype == np.float32
+    np.testing.assert_array_equal(result, whole)
+
+
 def test_int4_unpacking_is_low_nibble_first_and_signed():
     raw = np.array([0x21, 0xF8], np.uint8)
     assert emulator.unpack_sub_byte(raw, 25, 4).tolist() == [1, 2, -8, -1]
@@ -194,6 +207,27 @@ def test_an_unreadable_package_is_a_clear_error(tmp_path):
     (tmp_path / "bad.mlpackage" / emulator.SPEC).write_bytes(b"\x08\x09garbage")
     with pytest.raises(QwenMobileError, match="model.mlmodel"):
         emulator.Package(tmp_path / "bad.mlpackage")
+
+
+def test_each_constant_op_runs_just_before_its_first_reader_and_every_other_op_keeps_its_place():
+    """As coremltools saves a program: every constexpr op first. Each moves to its first reader
+    (with the const it reads), so a call holds one decompressed weight at a time, not all."""
+    def op(kind, name, inputs, outputs):
+        return emulator.Operation(kind, name, inputs, [(output, 11, None) for output in outputs], {})
+
+    blob = np.zeros(4, np.int8)
+    operations = [
+        op("const", "scale", {}, ["scale"]),
+        op("constexpr_blockwise_shift_scale", "w1", {"data": blob, "scale": "scale"}, ["w1"]),
+        op("constexpr_blockwise_shift_scale", "w2", {"data": blob, "scale": "scale"}, ["w2"]),
+        op("constexpr_blockwise_shift_scale", "unread", {"data": blob, "scale": "scale"}, ["unread"]),
+        op("add", "first", {"x": "x", "y": "x"}, ["h0"]),
+        op("constexpr_blockwise_shift_scale", "computed", {"data": "h0"}, ["c"]),  # reads a computed value: stays
+        op("linear", "second", {"x": "h0", "weight": "w2"}, ["h1"]),
+        op("concat", "third", {"values": ["h1", "w1", "c"]}, ["logits"]),
+    ]
+    ordered = emulator.constants_at_first_use(operations, ["logits"])
+    assert [o.name for o in ordered] == ["first", "computed", "scale", "w2", "second", "w1", "third"]
 
 
 def test_a_call_drops_each_value_after_its_last_reader_and_keeps_the_outputs():
