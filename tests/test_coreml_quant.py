@@ -114,45 +114,6 @@ def test_int8_is_encoded_per_channel_from_the_plan(loaded, tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters())  # float weights are back
 
 
-def test_an_fp16_program_never_holds_an_fp16_copy_of_a_planned_weight(loaded, monkeypatch):
-    """The plan is encoded where add_fp16_cast has put a cast after each float32 weight, before
-    const_elimination would fold each cast into an fp16 constant (at 0.8B, 1.5 GB of copies
-    beside the float32 values). Every const_elimination of the conversion is watched for a
-    constant equal to a planned weight in fp16; the int4 bundle's tests check what is encoded."""
-    from coremltools.converters.mil.mil import types
-    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
-
-    model = loaded.model
-    plan = make_plan(model, resolve_scheme("int4"))
-    index = compress.PlanIndex(plan)
-    copies, runs = [], []
-    registry_type, lookup = type(PASS_REGISTRY), type(PASS_REGISTRY).__getitem__
-
-    def watched(registry, name):
-        graph_pass = lookup(registry, name)
-        if name != "common::const_elimination":
-            return graph_pass
-
-        class Watched:
-            def set_options(self, options):
-                graph_pass.set_options(options)
-
-            def __call__(self, prog):
-                graph_pass(prog)
-                runs.append(name)
-                for function in prog.functions.values():
-                    copies.extend(op.name for op in function.operations if op.op_type == "const"
-                                  and op.outputs[0].dtype == types.fp16 and index.names(op.outputs[0].val))
-        return Watched()
-
-    monkeypatch.setattr(registry_type, "__getitem__", watched)
-    split = lower.split_kinds("float16", "float32")
-    with dequantized(model, plan):
-        _, encoded = lower.convert_function(model, 64, None, "float16", split, plan)
-    assert len(runs) > 2 and copies == []
-    assert set(encoded) == set(plan.weights)
-
-
 def test_schemes_core_ml_cannot_encode_are_refused_by_name(loaded, tmp_path):
     with pytest.raises(QwenMobileError, match=r"not supported by the coreml backend; it supports fp16, fp32, int8, int4"):
         export_bundle(None, "coreml", "8da4w", tmp_path / "bundle")

@@ -3,8 +3,8 @@
 The exporter converts the model with the plan's dequantized weights in place of the float
 ones (quant.eager.dequantized), so every planned weight reaches the MIL program as a
 constant equal, bit for bit, to (qdata - zero_point) * scale (in the program's compute
-dtype). A graph pass run in the conversion pipeline (right after add_fp16_cast) then finds
-each such constant and replaces it with an iOS 18 `constexpr_blockwise_shift_scale` built from the
+dtype). A graph pass run at the end of the conversion pipeline then finds each such
+constant and replaces it with an iOS 18 `constexpr_blockwise_shift_scale` built from the
 plan's own integers (int8, or int4 packed two per byte), scales and zero points: nothing
 is re-rounded from float. A planned weight the pass cannot find is an error, never a
 silently float weight. Multifunction saving then shares the constexpr's inputs between
@@ -26,7 +26,6 @@ PASS_NAME = "encode_quant_plan"
 PASS_ID = f"{PASS_NAMESPACE}::{PASS_NAME}"
 ENCODABLE_BITS = (4, 8)  # constexpr_blockwise_shift_scale's integer types: int4, int8
 FLOAT_DTYPES = (np.float32, np.float16)
-FP16_CAST_PASS = "common::add_fp16_cast"  # where an fp16 conversion narrows each op's inputs
 
 
 def check_encodable(plan: QuantPlan, supported: tuple[str, ...]) -> None:
@@ -141,16 +140,9 @@ def encode_pass(plan: QuantPlan):
                 if not names:
                     continue
                 name = names[0]  # several names: tied weights, the same plan entry
-                # In an fp16 program the pass runs where add_fp16_cast has put a cast to fp16 after
-                # each float32 weight: the weight is encoded in fp16 in place of the casts, before
-                # const_elimination would fold each into an fp16 copy (1.5 GB beside the float32
-                # values at 0.8B). The program is the one that encoding those copies gave.
-                readers = op.outputs[0].child_ops
-                narrowed = bool(readers) and all(reader.op_type == "cast" and reader.dtype.val == "fp16"
-                                                 for reader in readers)
-                replaced = [reader.outputs[0] for reader in readers] if narrowed else [op.outputs[0]]
+                value = op.outputs[0].val
                 try:
-                    inputs = encoding(plan.weights[name], np.float16 if narrowed else op.outputs[0].val.dtype.type)
+                    inputs = encoding(plan.weights[name], value.dtype.type)
                 except QwenMobileError as error:
                     raise QwenMobileError(f"{name}: cannot be encoded for Core ML: {error}") from None
                 if inputs["offset"] is None:
@@ -161,10 +153,10 @@ def encode_pass(plan: QuantPlan):
                 if self.encoded[name]:
                     op_name += f"_{len(self.encoded[name])}"
                 new = mb.constexpr_blockwise_shift_scale(**inputs, before_op=op, name=op_name)
-                for old in replaced:
-                    block.replace_uses_of_var_after_op(anchor_op=old.op, old_var=old, new_var=new,
-                                                       no_check_var_types=True)
-                block.remove_ops([old.op for old in replaced if old.op is not op] + [op])
+                block.replace_uses_of_var_after_op(
+                    anchor_op=op, old_var=op.outputs[0], new_var=new, no_check_var_types=True
+                )
+                block.remove_ops([op])
                 for tied in names:
                     self.encoded[tied].append(new.op.name)
 
@@ -173,9 +165,8 @@ def encode_pass(plan: QuantPlan):
 
 @contextlib.contextmanager
 def pipeline_with(plan: QuantPlan):
-    """A conversion pass pipeline (the default one) with the plan's encoding pass right after
-    add_fp16_cast (see encode_pass), and the pass itself, for what it encoded. Float plans get the
-    default pipeline."""
+    """A conversion pass pipeline (the default one) that ends with the plan's encoding pass,
+    and the pass itself, for what it encoded. Float plans get the default pipeline."""
     import coremltools as ct
     from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 
@@ -186,7 +177,7 @@ def pipeline_with(plan: QuantPlan):
     graph_pass = encode_pass(plan)
     PASS_REGISTRY.add(PASS_NAMESPACE, graph_pass, override=True, name=PASS_NAME)
     try:
-        pipeline.insert_pass(pipeline.passes.index(FP16_CAST_PASS) + 1, PASS_ID)
+        pipeline.append_pass(PASS_ID)
         yield pipeline, graph_pass
     finally:
         PASS_REGISTRY.passes.pop(PASS_ID, None)
