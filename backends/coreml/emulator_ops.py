@@ -204,8 +204,8 @@ def matmul(x, y, transpose_x=False, transpose_y=False):
 
 def linear(x, weight, bias=None):
     """x @ weight.T in fp32, an fp16 weight widened a block of its rows at a time: whole, the 0.8B
-    model's tied lm_head (254 M values) took a 1 GiB float32 copy on every call, the peak of the
-    export's gate. Each output column is the same dot product either way."""
+    model's tied lm_head (254 M values) took a 1 GiB float32 copy on every call. Each output column
+    is the same dot product either way."""
     x, weight = f32(x), np.asarray(weight)
     rows = max(1, DEQUANTIZED_BLOCK_ELEMENTS // max(1, weight.shape[-1]))
     out = np.empty((*x.shape[:-1], weight.shape[0]), dtype=np.result_type(x, f32(weight[:0])))
@@ -339,8 +339,6 @@ def gather(x, indices, axis=0, batch_dims=0, validate_indices=False):
 
 
 # -- compressed weights --------------------------------------------------------------------
-
-
 def constexpr_blockwise_shift_scale(data, scale, offset=None):
     """iOS 18 blockwise dequantization: scale * (data - offset), with scale and offset
     repeated over blocks (data.shape[i] // scale.shape[i] elements along each axis), in scale's
