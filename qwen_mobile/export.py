@@ -18,7 +18,6 @@ from qwen_mobile.checkpoint import Checkpoint, LoadedModel, load_checkpoint, ope
 from qwen_mobile.config import Qwen35Config
 from qwen_mobile.errors import LoweringFailed, QwenMobileError, first_line
 from qwen_mobile.memory import return_freed_memory, widen_unplanned
-from qwen_mobile.quant.eager import dequantize_in_place
 from qwen_mobile.quant.plan import PLAN_FILE, QuantPlan, release_planned_weights, resolve_scheme, save_plan
 from qwen_mobile.registry import Backend, BackendSpec, ExportTarget, Lengths, get_backend
 from qwen_mobile.staging import check_target, staged_directory
@@ -175,32 +174,24 @@ def write_bundle(target: BundleTarget, loaded: LoadedModel, plan: QuantPlan, out
     needs them, and lowering and the runtime's load do not sit on top of them. The gate's eager
     references, which need them, are computed before lowering; they leave the plan's dequantized
     weights in place of the float ones (parity.references keep_float). A backend that lowers from
-    the plan alone (Backend.lowering_reads_planned_weights) then lowers with them released; one
-    that lowers from the dequantized values (lowers_from_dequantized_weights) is given those in
-    float32, and may free them itself (ExportTarget.planned_weights_expendable); any other lowers
-    from the float weights, released after it. The artifact and the gate's figures are the same
-    either way."""
+    the plan alone (Backend.lowering_reads_planned_weights) then lowers with them released; any
+    other lowers from the float weights, released after it. The artifact and the gate's figures
+    are the same either way."""
     implementation, lengths, checkpoint = target.implementation, target.lengths, loaded.checkpoint
     implementation.check(plan, lengths)
     release_before_lowering = release_float_weights and not implementation.lowering_reads_planned_weights
-    lowers_from_dequantized = release_float_weights and implementation.lowers_from_dequantized_weights
-    float_weights_spent = release_before_lowering or lowers_from_dequantized
     refs = None
     if gate:
         from qwen_mobile.parity import references, require_parity
 
         refs = references(loaded.model, lengths, plan, tokenizer_dir=checkpoint.path,
-                          keep_float=not float_weights_spent)
+                          keep_float=not release_before_lowering)
     if release_before_lowering:
         release_planned_weights(loaded.model, plan)
         return_freed_memory()
-    elif lowers_from_dequantized:  # in float32, one weight at a time (the references leave them narrower)
-        dequantize_in_place(loaded.model, plan, narrow=False)
-        return_freed_memory()
     with staged_directory(out) as staging:
         with progress.step(f"lowering for {target.spec.name}"):
-            fields = lowered(implementation, ExportTarget(loaded.model, plan, lengths, target.special_tokens,
-                                                          planned_weights_expendable=release_float_weights), staging)
+            fields = lowered(implementation, ExportTarget(loaded.model, plan, lengths, target.special_tokens), staging)
         if release_float_weights and not release_before_lowering:  # else released already
             release_planned_weights(loaded.model, plan)
             return_freed_memory()

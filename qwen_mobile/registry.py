@@ -78,10 +78,6 @@ class ExportTarget:
     plan: object  # qwen_mobile.quant.plan.QuantPlan: encode it as it is, never re-round
     lengths: Lengths
     special_tokens: dict  # {"bos": id or None, "eos": [ids]} as the manifest records them
-    # the core has no further use for the values of the weights the plan quantizes: lower() may
-    # overwrite them (with their dequantized values, say) rather than hold a second copy, or free
-    # them (quant.plan.release_planned_weights) once it has read them
-    planned_weights_expendable: bool = False
 
 
 class Backend:
@@ -105,10 +101,6 @@ class Backend:
     # whether lower() reads the values of the weights a plan quantizes; a backend that encodes them
     # from the plan alone says False, and a single-plan export frees them before lowering (export.write_bundle)
     lowering_reads_planned_weights: bool = True
-    # a backend that lowers as well from the plan's dequantized weights, in float32, as from the float
-    # ones says True: a single-plan export then gives it those (export.write_bundle), and the gate's
-    # references need not give the float weights back after they replace them
-    lowers_from_dequantized_weights: bool = False
 
     def __init__(self, spec: BackendSpec):
         self.spec = spec

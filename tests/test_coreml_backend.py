@@ -228,7 +228,7 @@ def test_the_conversion_draws_no_progress_bars(loaded, capfd):
     # the CLI prints its own steps; coremltools' tqdm bars (one per pass pipeline and frontend) would
     # fill the terminal between them
     plan = QuantPlan(resolve_scheme("fp32"), {})
-    lower.convert_function(loaded.model, 64, None, "float32", lower.split_kinds("float32", "float32"), plan)
+    lower.convert_function(loaded.model, 64, None, "float32", lower.split_kinds("float32", "float32"), plan, {})
     err = capfd.readouterr().err
     assert "Running MIL" not in err and "Converting PyTorch Frontend" not in err, err[-300:]
 

@@ -18,8 +18,8 @@ from qwen_mobile.bundle import gate_bundle, validate_manifest
 from qwen_mobile.checkpoint import load
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.export import export_bundle
-from qwen_mobile.quant.eager import dequantized
-from qwen_mobile.quant.plan import QuantizedWeight, QuantPlan, make_plan, resolve_scheme, scheme_from_manifest
+from qwen_mobile.quant.plan import (QuantizedWeight, make_plan, placeholder, placeholder_weights, planned_modules,
+                                    release_planned_weights, replaced_weights, resolve_scheme, scheme_from_manifest)
 
 pytest.importorskip("coremltools")
 
@@ -98,20 +98,37 @@ def test_both_functions_share_each_compressed_weight_and_the_package_is_smaller_
     assert weights < parameters  # below one byte per parameter: fp16 needs two, int8 one
 
 
-def test_int8_is_encoded_per_channel_from_the_plan(loaded, tmp_path):
-    """The decode function alone, converted with an int8 plan (no gate: the int4 bundle gates the path)."""
-    model = loaded.model
+def test_int8_is_encoded_per_channel_from_the_plan_without_reading_a_planned_weight(tmp_path):
+    """The decode function alone, converted with an int8 plan (no gate: the int4 bundle gates the path),
+    from a model whose planned weights are released as the export releases them (meta tensors, which
+    hold no value to read): every integer in the package must then be the plan's."""
+    model = load(None).model
     plan = make_plan(model, resolve_scheme("int8"))
-    split = lower.split_kinds("float32", "float32")
-    with dequantized(model, plan):
-        mlmodel, encoded = lower.convert_function(model, 64, None, "float32", split, plan)
+    release_planned_weights(model, plan)
+    placeholders = placeholder_weights(model, plan)
+    with replaced_weights(model, placeholders):
+        mlmodel, encoded = lower.convert_function(model, 64, None, "float32", lower.split_kinds("float32", "float32"),
+                                                  plan, placeholders)
     mlmodel.save(str(tmp_path / "decode.mlpackage"))
     stored = compress.stored_encodings(emulator.Package(tmp_path / "decode.mlpackage"))["main"]
     assert set(encoded) == set(plan.weights)
     assert compress.mismatches(stored, {name: ops[0] for name, ops in encoded.items()}, plan.weights) == []
     assert {e["dtypes"]["data"] for e in stored.values()} == {"int8"}
     assert {e["scale"].shape[1] for e in stored.values()} == {1}  # one scale per output channel
-    assert all(p.dtype == torch.float32 for p in model.parameters())  # float weights are back
+    assert all(planned_modules(model)[name].weight.is_meta for name in plan.weights)  # released ones are back
+
+
+def test_a_planned_weight_the_conversion_holds_no_placeholder_of_is_an_error_not_a_float_weight(loaded):
+    """The encoding pass finds each planned weight by its placeholder's address: one the converter
+    did not make a constant of (a copy, say) must stop the export, naming the weight."""
+    model = loaded.model
+    plan = make_plan(model, resolve_scheme("int8"))
+    placeholders = placeholder_weights(model, plan)
+    name = "layers.1.mlp.up_proj.weight"
+    with replaced_weights(model, {**placeholders, name: placeholders[name].clone()}):
+        with pytest.raises(QwenMobileError, match=f"no constant made from the placeholders of the plan's weights {name};"):
+            lower.convert_function(model, 64, None, "float32", lower.split_kinds("float32", "float32"), plan,
+                                   placeholders)
 
 
 def test_schemes_core_ml_cannot_encode_are_refused_by_name(loaded, tmp_path):
@@ -136,17 +153,12 @@ def test_a_scale_fp16_cannot_hold_is_refused_not_rounded():
     assert compress.encoding(weight, np.float32)["scale"].dtype == np.float32
 
 
-def test_the_plan_index_hashes_a_weight_block_by_block_as_the_converter_writes_it_whole(monkeypatch):
-    import qwen_mobile.quant.plan as plan_module
-
-    weight = plan_module.round_to_nearest(torch.randn(37, 64, generator=torch.Generator().manual_seed(0)), 4, 32, None)
-    monkeypatch.setattr(plan_module, "CHUNK_ELEMENTS", 64 * 5)  # blocks of 5 rows, the last one short
-    whole = weight.dequantize().numpy()
-    expected = [compress.weight_key(whole.astype(dtype)) for dtype in compress.FLOAT_DTYPES]
-    assert compress.dequantized_keys(weight) == expected
-    index = compress.PlanIndex(QuantPlan(resolve_scheme("int4"), {"layer.weight": weight}))
-    assert index.names(whole.astype(np.float16)) == ["layer.weight"]
-    assert index.names(np.asfortranarray(whole)) == ["layer.weight"]  # a const laid out column-major is the same value
-    moved = whole.copy()
-    moved[36, 63] = np.nextafter(moved[36, 63], np.float32(np.inf))
-    assert index.names(moved) == []
+def test_the_encoding_pass_finds_a_planned_weight_by_its_placeholders_address_not_by_value():
+    placeholders = {"a.weight": placeholder((4, 8)), "b.weight": placeholder((4, 8))}
+    placeholders["tied.weight"] = placeholders["a.weight"]
+    index = compress.PlaceholderIndex(placeholders)
+    assert index.names(placeholders["a.weight"].numpy()) == ["a.weight", "tied.weight"]
+    assert index.names(placeholders["b.weight"].numpy()) == ["b.weight"]  # equal values, its own address
+    assert index.names(placeholders["a.weight"].contiguous().numpy()) == []  # a copy is not the placeholder
+    assert index.names(placeholders["a.weight"][:2].numpy()) == []  # nor is a view of another shape
+    assert index.names(3.0) == []

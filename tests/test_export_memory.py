@@ -60,7 +60,6 @@ def test_lowering_sees_the_planned_float_weights_only_where_the_backend_reads_th
 
     def lower(self, target, directory):
         seen.update({name: module.weight.is_meta for name, module in planned_modules(target.model).items()})
-        seen["expendable"] = target.planned_weights_expendable  # the model is the export's alone
         raise Lowered
 
     monkeypatch.setattr(ExecuTorchBackend, "lower", lower)
@@ -68,29 +67,8 @@ def test_lowering_sees_the_planned_float_weights_only_where_the_backend_reads_th
     target, loaded, plan = loaded_and_planned()
     with pytest.raises(Lowered):
         write_bundle(target, loaded, plan, tmp_path / "bundle", gate=False, release_float_weights=True)
-    assert seen.pop("expendable") is True
     assert {name for name, meta in seen.items() if meta} == (set() if reads_planned_weights else set(plan.weights))
     assert plan.kept_float and not any(seen[name] for name in plan.kept_float)
-
-
-def test_a_lowering_from_dequantized_weights_is_given_them_in_float32(monkeypatch, tmp_path):
-    """The gate's references do not give the float weights back to a backend that lowers from the
-    dequantized ones (Core ML): it is given those, made from the plan's integers, in float32."""
-    seen = {}
-
-    def lower(self, target, directory):
-        seen.update({name: module.weight for name, module in planned_modules(target.model).items()})
-        raise Lowered
-
-    monkeypatch.setattr(ExecuTorchBackend, "lower", lower)
-    monkeypatch.setattr(ExecuTorchBackend, "lowering_reads_planned_weights", True)
-    monkeypatch.setattr(ExecuTorchBackend, "lowers_from_dequantized_weights", True)
-    target, loaded, plan = loaded_and_planned()
-    with pytest.raises(Lowered):
-        write_bundle(target, loaded, plan, tmp_path / "bundle", gate=True, release_float_weights=True)
-    for name, weight in plan.weights.items():
-        assert getattr(seen[name], "dequantized_from", None) is weight.qdata, name
-        assert seen[name].dtype == torch.float32 and torch.equal(seen[name], weight.dequantize()), name
 
 
 def test_dequantized_without_the_float_weights_computes_the_same_and_keeps_the_dequantized_ones():
@@ -112,20 +90,6 @@ def test_dequantized_without_the_float_weights_computes_the_same_and_keeps_the_d
     assert all(planned_modules(freed)[name].weight is held[name] for name in plan.weights)
     assert freed.lm_head.weight is freed.embed_tokens.weight
     assert kept.lm_head.weight is kept.embed_tokens.weight  # the plain path gives the float weights back
-
-
-def test_dequantized_in_place_in_float32_for_a_lowering_that_traces_the_model_as_it_is():
-    """The Core ML lowering traces the model with the plan's values in float32; the gate's references
-    may have left them narrow (fp16) before it."""
-    model = load_checkpoint(open_checkpoint(None)).model
-    plan = make_plan(model, resolve_scheme("int4"))
-    dequantize_in_place(model, plan)
-    assert {planned_modules(model)[name].weight.dtype for name in plan.weights} == {torch.float16}
-    dequantize_in_place(model, plan, narrow=False)
-    modules = planned_modules(model)
-    for name, weight in plan.weights.items():
-        assert modules[name].weight.dtype == torch.float32 and torch.equal(modules[name].weight, weight.dequantize())
-    assert model.lm_head.weight is model.embed_tokens.weight
 
 
 def test_8bit_dequantized_weights_are_held_in_float32_and_give_the_same_references():

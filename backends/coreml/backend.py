@@ -36,8 +36,8 @@ EMULATOR_REFUSAL = "the Core ML emulator is not a performance runtime; `qwen-mob
 class CoreMLBackend(Backend):
     default_lengths = Lengths(max_context=512, max_chunk=32)
     tools = ("coremltools",)
-    # the converter traces the model with the plan's dequantized weights in place (lower.lower)
-    lowers_from_dequantized_weights = True
+    # the converter traces a placeholder for each planned weight, which the plan's integers replace (lower.lower)
+    lowering_reads_planned_weights = False
 
     @property
     def runtimes(self) -> tuple[str, ...]:
@@ -50,8 +50,7 @@ class CoreMLBackend(Backend):
         model, plan, lengths = target.model, target.plan, target.lengths
         recurrent_dtype = recurrent_state_dtype(plan)
         package = directory / self.spec.artifact
-        lowered = lower.lower(model, plan, package, lengths.max_context, lengths.max_chunk, recurrent_dtype,
-                              keep_float=not target.planned_weights_expendable)
+        lowered = lower.lower(model, plan, package, lengths.max_context, lengths.max_chunk, recurrent_dtype)
         split = lower.split_kinds(plan.scheme.compute_dtype, recurrent_dtype)
         return {
             "methods": functions(model.config, lengths, split),

@@ -1,31 +1,31 @@
 """A core quantization plan encoded into the Core ML program exactly as it is.
 
-The exporter converts the model with the plan's dequantized weights in place of the float
-ones (quant.eager.dequantized), so every planned weight reaches the MIL program as a
-constant equal, bit for bit, to (qdata - zero_point) * scale (in the program's compute
-dtype). A graph pass run at the end of the conversion pipeline then finds each such
-constant and replaces it with an iOS 18 `constexpr_blockwise_shift_scale` built from the
-plan's own integers (int8, or int4 packed two per byte), scales and zero points: nothing
-is re-rounded from float. A planned weight the pass cannot find is an error, never a
-silently float weight. Multifunction saving then shares the constexpr's inputs between
-prefill and decode like any other constant.
+The exporter converts the model with a placeholder in place of each planned weight
+(quant.plan.placeholder_weights: one float repeated by stride 0, each with an address of
+its own), and coremltools' frontend makes each a constant whose value is a view of that
+placeholder. A graph pass run first in the conversion pipeline finds each such constant
+by address and replaces it with an iOS 18 `constexpr_blockwise_shift_scale` built from
+the plan's own integers (int8, or int4 packed two per byte), scales and zero points:
+nothing is re-rounded from float, and no planned weight is ever held in float. A planned
+weight the pass cannot find is an error, never a silently float weight. Multifunction
+saving then shares the constexpr's inputs between prefill and decode like any other
+constant.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 
 import numpy as np
+import torch
 
 from qwen_mobile.errors import QwenMobileError
-from qwen_mobile.quant.plan import QuantizedWeight, QuantPlan, chunk_rows
+from qwen_mobile.quant.plan import QuantizedWeight, QuantPlan
 
 PASS_NAMESPACE = "qwen_mobile"
 PASS_NAME = "encode_quant_plan"
 PASS_ID = f"{PASS_NAMESPACE}::{PASS_NAME}"
 ENCODABLE_BITS = (4, 8)  # constexpr_blockwise_shift_scale's integer types: int4, int8
-FLOAT_DTYPES = (np.float32, np.float16)
 
 
 def check_encodable(plan: QuantPlan, supported: tuple[str, ...]) -> None:
@@ -72,54 +72,36 @@ def encoding(weight: QuantizedWeight, float_dtype) -> dict[str, np.ndarray | Non
     return {"data": qdata.view(data_dtype(weight.bits)), "scale": encoded_scale, "offset": offset}
 
 
-def weight_key(array: np.ndarray) -> tuple:
-    # hashed through a view of the array's own bytes: a const of the program is not copied to be looked up
-    return array.shape, array.dtype.str, hashlib.sha1(np.ascontiguousarray(array).data).hexdigest()
+class PlaceholderIndex:
+    """The planned weights by the address and shape of their placeholders, which the converter's
+    constants are views of."""
 
-
-def dequantized_keys(weight: QuantizedWeight) -> list[tuple]:
-    """weight_key of the weight's dequantized values in each of FLOAT_DTYPES, hashed a block of rows
-    at a time: the whole weight is never made, in either dtype (at 0.8B, making each whole for
-    its hash took the conversion 2.8 GiB over what it held)."""
-    shape = tuple(weight.qdata.shape)
-    digests = {dtype: hashlib.sha1() for dtype in FLOAT_DTYPES}
-    step = chunk_rows(shape[1])
-    for start in range(0, shape[0], step):
-        rows = weight.dequantize_rows(slice(start, start + step)).numpy()
-        for dtype, digest in digests.items():
-            digest.update(np.ascontiguousarray(rows.astype(dtype, copy=False)).data)
-    return [(shape, np.dtype(dtype).str, digest.hexdigest()) for dtype, digest in digests.items()]
-
-
-class PlanIndex:
-    """The plan's dequantized weights by value, as the converter writes them in fp32 or fp16."""
-
-    def __init__(self, plan: QuantPlan):
-        self.plan = plan
-        self.by_key: dict[tuple, list[str]] = {}
-        for name, weight in plan.weights.items():
-            for key in dequantized_keys(weight):
-                self.by_key.setdefault(key, []).append(name)
+    def __init__(self, placeholders: dict[str, torch.Tensor]):
+        self.by_address: dict[tuple, list[str]] = {}
+        for name, tensor in placeholders.items():
+            self.by_address.setdefault((tensor.data_ptr(), tuple(tensor.shape)), []).append(name)
 
     def names(self, value) -> list[str]:
-        if not isinstance(value, np.ndarray) or value.ndim != 2 or value.dtype.type not in FLOAT_DTYPES:
+        if not isinstance(value, np.ndarray):
             return []
-        return self.by_key.get(weight_key(value), [])
+        return self.by_address.get((value.__array_interface__["data"][0], value.shape), [])
 
 
-def encode_pass(plan: QuantPlan):
-    """The graph pass (an AbstractGraphPass instance) that encodes `plan` into a program;
-    after it ran, its `encoded` maps each planned weight to the constexpr ops made for it."""
+def encode_pass(plan: QuantPlan, placeholders: dict[str, torch.Tensor]):
+    """The graph pass (an AbstractGraphPass instance) that encodes `plan` into a program converted
+    with `placeholders` (planned weight -> its placeholder) in place of the planned weights; after
+    it ran, its `encoded` maps each planned weight to the constexpr ops made for it."""
     from coremltools.converters.mil.mil import Builder as mb
     from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
     from coremltools.converters.mil.mil.passes.helper import block_context_manager
 
-    index = PlanIndex(plan)
+    index = PlaceholderIndex(placeholders)
 
     class EncodeQuantPlan(AbstractGraphPass):
         def __init__(self):
             super().__init__()
             self.encoded: dict[str, list[str]] = {name: [] for name in plan.weights}
+            self.made: dict[tuple[int, str], object] = {}  # (block, weight) -> its constexpr's output
 
         def apply(self, prog):
             for function in prog.functions.values():
@@ -127,8 +109,8 @@ def encode_pass(plan: QuantPlan):
             missing = sorted(name for name, ops in self.encoded.items() if not ops)
             if missing:
                 raise QwenMobileError(
-                    f"the converted Core ML program has no constant equal to the plan's weights {', '.join(missing)}; "
-                    "they cannot be encoded as the plan's integers"
+                    f"the converted Core ML program has no constant made from the placeholders of the plan's "
+                    f"weights {', '.join(missing)}; they cannot be encoded as the plan's integers"
                 )
 
         @block_context_manager
@@ -142,33 +124,44 @@ def encode_pass(plan: QuantPlan):
                 if not names:
                     continue
                 name = names[0]  # several names: tied weights, the same plan entry
-                value = op.outputs[0].val
-                try:
-                    inputs = encoding(plan.weights[name], value.dtype.type)
-                except QwenMobileError as error:
-                    raise QwenMobileError(f"{name}: cannot be encoded for Core ML: {error}") from None
-                if inputs["offset"] is None:
-                    del inputs["offset"]
-                # named after the plan's weight, already a valid MIL identifier (the backend's name
-                # sanitizer leaves it as it is), so the manifest can name each weight's op
-                op_name = name.replace(".", "_") + "_quantized"
-                if self.encoded[name]:
-                    op_name += f"_{len(self.encoded[name])}"
-                new = mb.constexpr_blockwise_shift_scale(**inputs, before_op=op, name=op_name)
+                # one constexpr per weight and block: a tied weight's second constant (the lm_head's)
+                # reads the embedding's, as coremltools' deduplication would leave it, so that the
+                # manifest names the ops the saved program holds
+                new = self.made.get((id(block), name))
+                if new is None:
+                    new = self.constexpr(name, op)
+                    self.made[(id(block), name)] = new
+                    for tied in names:
+                        self.encoded[tied].append(new.op.name)
                 block.replace_uses_of_var_after_op(
                     anchor_op=op, old_var=op.outputs[0], new_var=new, no_check_var_types=True
                 )
                 block.remove_ops([op])
-                for tied in names:
-                    self.encoded[tied].append(new.op.name)
+
+        def constexpr(self, name: str, const):
+            """The plan's encoding of weight `name`, placed before the constant `const` it replaces."""
+            try:
+                inputs = encoding(plan.weights[name], const.outputs[0].val.dtype.type)
+            except QwenMobileError as error:
+                raise QwenMobileError(f"{name}: cannot be encoded for Core ML: {error}") from None
+            if inputs["offset"] is None:
+                del inputs["offset"]
+            # named after the plan's weight, already a valid MIL identifier (the backend's name
+            # sanitizer leaves it as it is), so the manifest can name each weight's op
+            op_name = name.replace(".", "_") + "_quantized"
+            if self.encoded[name]:
+                op_name += f"_{len(self.encoded[name])}"
+            return mb.constexpr_blockwise_shift_scale(**inputs, before_op=const, name=op_name)
 
     return EncodeQuantPlan()
 
 
 @contextlib.contextmanager
-def pipeline_with(plan: QuantPlan):
-    """A conversion pass pipeline (the default one) that ends with the plan's encoding pass,
-    and the pass itself, for what it encoded. Float plans get the default pipeline."""
+def pipeline_with(plan: QuantPlan, placeholders: dict[str, torch.Tensor]):
+    """A conversion pass pipeline (the default one) that starts with the plan's encoding pass, and
+    the pass itself, for what it encoded. First, so that no other pass reads or copies a
+    placeholder as a weight (the program is then one that holds the plan's integers from the
+    start, as coremltools' own compressed-weight conversion makes). Float plans get the default pipeline."""
     import coremltools as ct
     from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 
@@ -176,10 +169,10 @@ def pipeline_with(plan: QuantPlan):
     if not plan.weights:
         yield pipeline, None
         return
-    graph_pass = encode_pass(plan)
+    graph_pass = encode_pass(plan, placeholders)
     PASS_REGISTRY.add(PASS_NAMESPACE, graph_pass, override=True, name=PASS_NAME)
     try:
-        pipeline.append_pass(PASS_ID)
+        pipeline.insert_pass(0, PASS_ID)
         yield pipeline, graph_pass
     finally:
         PASS_REGISTRY.passes.pop(PASS_ID, None)

@@ -24,6 +24,7 @@ the program computes in the scheme's compute dtype on the decompressed weights.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import tempfile
 import time
 import warnings
@@ -35,10 +36,8 @@ import torch
 from torch import nn
 
 from qwen_mobile.errors import QwenMobileError
-from qwen_mobile.memory import return_freed_memory
 from qwen_mobile.models.qwen3_5 import Qwen35, StateTensor, state_from_tensors, state_tensors, state_to_tensors
-from qwen_mobile.quant.eager import dequantized
-from qwen_mobile.quant.plan import QuantPlan, release_planned_weights
+from qwen_mobile.quant.plan import QuantPlan, placeholder_weights, replaced_weights
 
 from . import composite, compress
 
@@ -137,11 +136,13 @@ def trace(model: Qwen35, max_context: int, chunk: int | None, split: frozenset[s
 
 
 def convert_function(
-    model: Qwen35, max_context: int, chunk: int | None, compute_dtype: str, split: frozenset[str], plan: QuantPlan
+    model: Qwen35, max_context: int, chunk: int | None, compute_dtype: str, split: frozenset[str], plan: QuantPlan,
+    placeholders: dict[str, torch.Tensor],
 ):
     """One function (prefill when `chunk` is given, else decode) as an ML Program MLModel, with
     the plan's weights encoded as constexpr_blockwise_shift_scale (compress.py), and what
-    was encoded: planned weight -> constexpr op names."""
+    was encoded: planned weight -> constexpr op names. `model` holds `placeholders` in place of
+    the planned weights."""
     import coremltools as ct
 
     composite.register()
@@ -158,7 +159,7 @@ def convert_function(
         precision = ct.transform.FP16ComputePrecision(op_selector=lambda op: composite.GDR_TAG not in op.name)
     else:
         precision = ct.precision.FLOAT32
-    with quiet(), composite.exact_reciprocal(), compress.pipeline_with(plan) as (pipeline, encoder):
+    with quiet(), composite.exact_reciprocal(), compress.pipeline_with(plan, placeholders) as (pipeline, encoder):
         mlmodel = ct.convert(
             traced, inputs=inputs, states=states,
             outputs=[ct.TensorType(name="logits", dtype=np.float32)],
@@ -204,6 +205,11 @@ def quiet():
         logger.setLevel(level)
 
 
+def weight_key(array: np.ndarray) -> tuple:
+    # hashed through a view of the array's own bytes: a const of the program is not copied to be looked up
+    return array.shape, array.dtype.str, hashlib.sha1(np.ascontiguousarray(array).data).hexdigest()
+
+
 @contextlib.contextmanager
 def exact_shared_weights():
     """save_multifunction finds the constants the functions share with coremltools' const_deduplication
@@ -228,7 +234,7 @@ def exact_shared_weights():
                 var = op.outputs[0]
                 if not deduplication.should_be_deduplicated(var.val):
                     continue
-                key = (getattr(op, "weight_key", None), var.dtype, compress.weight_key(np.asarray(var.val)))
+                key = (getattr(op, "weight_key", None), var.dtype, weight_key(np.asarray(var.val)))
                 first = first_of.setdefault(key, var)
                 later.setdefault(first, [])
                 if first is not var:
@@ -242,36 +248,30 @@ def exact_shared_weights():
         deduplication.find_constants = original
 
 
-def lower(model: Qwen35, plan: QuantPlan, out: Path, max_context: int, chunk: int, recurrent_dtype: str,
-          keep_float: bool = True) -> Lowered:
-    """Convert both functions and save them as one multifunction mlpackage at `out`. keep_float=False:
-    the model already holds the plan's dequantized weights in float32 in place of the float ones
-    (export.write_bundle gives them so to a backend that lowers from them, rather than beside them:
-    2.8 GiB at 0.8B), and the caller has no further use for them: they are freed once both
-    functions are converted, before coremltools loads both again to merge them."""
+def lower(model: Qwen35, plan: QuantPlan, out: Path, max_context: int, chunk: int, recurrent_dtype: str) -> Lowered:
+    """Convert both functions and save them as one multifunction mlpackage at `out`. The planned
+    weights' values are never read: each is traced as a placeholder (quant.plan.placeholder_weights)
+    that the encoding pass replaces with the plan's integers, so they may be released (meta
+    tensors) when this is called; the model's own weights come back afterwards."""
     import coremltools as ct
 
     compute_dtype = plan.scheme.compute_dtype
     started = time.perf_counter()
     lowered = Lowered()
-    # the plan's dequantized weights in place of the float ones: the program's constants are
-    # then exactly the values the encoding pass replaces with the plan's integers
-    weights = dequantized(model, plan) if keep_float else contextlib.nullcontext()
-    with tempfile.TemporaryDirectory(prefix="coreml-functions-") as scratch, weights:
+    placeholders = placeholder_weights(model, plan)
+    with tempfile.TemporaryDirectory(prefix="coreml-functions-") as scratch, replaced_weights(model, placeholders):
         if any(parameter.dtype != torch.float32 for parameter in model.parameters()):
             raise QwenMobileError("the coreml export needs the model loaded in float32")
         descriptor = ct.utils.MultiFunctionDescriptor()
         for function, size in (("prefill", chunk), ("decode", None)):
             mlmodel, lowered.encoded[function] = convert_function(
-                model, max_context, size, compute_dtype, split_kinds(compute_dtype, recurrent_dtype), plan
+                model, max_context, size, compute_dtype, split_kinds(compute_dtype, recurrent_dtype), plan,
+                placeholders,
             )
             path = Path(scratch) / f"{function}.mlpackage"
             mlmodel.save(str(path))
             del mlmodel
             descriptor.add_function(str(path), src_function_name="main", target_function_name=function)
-        if not keep_float:
-            release_planned_weights(model, plan)
-            return_freed_memory()
         descriptor.default_function_name = DEFAULT_FUNCTION
         with quiet(), exact_shared_weights():
             ct.utils.save_multifunction(descriptor, str(out))

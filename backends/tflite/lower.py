@@ -34,7 +34,7 @@ from torch import nn
 
 from qwen_mobile.config import Qwen35Config
 from qwen_mobile.models.qwen3_5 import Qwen35, state_from_tensors, state_tensors, state_to_tensors
-from qwen_mobile.quant.plan import QuantPlan
+from qwen_mobile.quant.plan import QuantPlan, placeholder
 from qwen_mobile.swaps import swapped
 
 from . import quantize
@@ -88,7 +88,7 @@ class SignatureModule(nn.Module):
             inputs["length"] = torch.full((1,), length, dtype=torch.int32)
         inputs.update(state_specs(self.model.config, max_context))
         parameters = dict(self.model.named_parameters())
-        inputs.update({key: placeholder(parameters[name]) for key, name in self.weights.items()})
+        inputs.update({key: placeholder(parameters[name].shape) for key, name in self.weights.items()})
         return inputs
 
     def forward(self, tokens, input_pos, length=None, **named):
@@ -101,12 +101,6 @@ class SignatureModule(nn.Module):
         for name, tensor in state_to_tensors(new_state).items():
             outputs[name + OUTPUT_SUFFIX] = tensor
         return outputs
-
-
-def placeholder(weight: torch.Tensor) -> torch.Tensor:
-    """A float32 tensor of the weight's shape whose one element is repeated by stride 0: a sample
-    input the exporter traces shapes through without the weight's values (which may be released)."""
-    return torch.zeros((), dtype=torch.float32).expand(weight.shape)
 
 
 def without_unread_attributes(module: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -130,7 +130,7 @@ def dequantized_weights(plan: QuantPlan) -> Iterator[tuple[list[str], torch.Tens
         yield names, weight.dequantize()
 
 
-def dequantize_in_place(model: nn.Module, plan: QuantPlan, narrow: bool = True) -> None:
+def dequantize_in_place(model: nn.Module, plan: QuantPlan) -> None:
     """Every planned weight of `model` replaced for good by its dequantized value, one integer
     tensor at a time: each float weight is freed as soon as its modules hold the replacement, so
     no more than one weight is held in both forms. A weight already replaced from the same
@@ -139,16 +139,12 @@ def dequantize_in_place(model: nn.Module, plan: QuantPlan, narrow: bool = True) 
 
     Each replacement is held in the narrowest float dtype that holds it exactly (memory.py):
     4-bit integers times bf16 scales fit fp16, half of float32, and `dequantized` widens them
-    as the model computes inside memory.widened, which the caller enters (a lowering that traces
-    the model inside this block must not). narrow=False holds them in float32, for a lowering
-    that takes the model as it is (Backend.lowers_from_dequantized_weights)."""
+    as the model computes inside memory.widened, which the caller enters."""
     modules = planned_modules(model)
     for weight, names in sharing_groups(plan):
-        if all(getattr(modules[name].weight, "dequantized_from", None) is weight.qdata
-               and (narrow or modules[name].weight.dtype == torch.float32) for name in names):
+        if all(getattr(modules[name].weight, "dequantized_from", None) is weight.qdata for name in names):
             continue
-        values = narrowest_exact(weight.dequantize_rows, tuple(weight.qdata.shape)) if narrow else weight.dequantize()
-        value = nn.Parameter(values, requires_grad=False)
+        value = nn.Parameter(narrowest_exact(weight.dequantize_rows, tuple(weight.qdata.shape)), requires_grad=False)
         value.dequantized_from = weight.qdata
         for name in names:
             modules[name].weight = value

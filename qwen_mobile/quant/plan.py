@@ -292,6 +292,25 @@ def release_planned_weights(model: nn.Module, plan: QuantPlan) -> None:
         modules[name].weight = released[id(weight)]
 
 
+def placeholder(shape) -> torch.Tensor:
+    """A float32 tensor of `shape` whose one element is repeated by stride 0: what a lowering that
+    encodes the plan's own integers traces a planned weight's shape through, never its values
+    (which may be released). Each call has an element of its own, so a converter that keeps views
+    of its inputs tells placeholders apart by address (the Core ML backend's encoding pass)."""
+    return torch.zeros((), dtype=torch.float32).expand(tuple(shape))
+
+
+def placeholder_weights(model: nn.Module, plan: QuantPlan) -> dict[str, torch.Tensor]:
+    """A placeholder for each weight `plan` quantizes (for replaced_weights), tied weights sharing one."""
+    modules = planned_modules(model)
+    made: dict[int, torch.Tensor] = {}
+    for name in plan.weights:
+        weight = modules[name].weight
+        if id(weight) not in made:
+            made[id(weight)] = placeholder(weight.shape)
+    return {name: made[id(modules[name].weight)] for name in plan.weights}
+
+
 def bits_and_group(scheme: QuantScheme, name: str, columns: int) -> tuple[int, int]:
     """The scheme's bits and group size for one weight: the embedding and lm_head at the
     scheme's embedding bits (one scale per row when those are wider than the weights'), and
