@@ -76,25 +76,31 @@ def tensor_dtype(value_type) -> int:
     return 0
 
 
+def read_spec(package: Path):
+    """The package's ML Program protobuf (coremltools' Model_pb2.Model), decoded alone: no weight is read."""
+    from coremltools.proto import Model_pb2
+
+    spec_path = Path(package) / SPEC
+    try:
+        data = spec_path.read_bytes()
+    except OSError as error:
+        raise QwenMobileError(f"{spec_path}: cannot be read ({error.strerror or error})") from None
+    spec = Model_pb2.Model()
+    try:
+        spec.ParseFromString(data)
+    except Exception as error:  # protobuf's DecodeError, or a RuntimeWarning-turned-error
+        raise QwenMobileError(f"{spec_path}: not a Core ML model protobuf ({error})") from None
+    if not spec.HasField("mlProgram"):
+        raise QwenMobileError(f"{spec_path}: not an ML Program (the emulator runs ML Programs only)")
+    return spec
+
+
 class Package:
     """One saved .mlpackage: its functions, decoded, and its weights, read on first use."""
 
     def __init__(self, path: Path):
-        from coremltools.proto import Model_pb2
-
         self.path = Path(path)
-        spec_path = self.path / SPEC
-        try:
-            data = spec_path.read_bytes()
-        except OSError as error:
-            raise QwenMobileError(f"{spec_path}: cannot be read ({error.strerror or error})") from None
-        self.spec = Model_pb2.Model()
-        try:
-            self.spec.ParseFromString(data)
-        except Exception as error:  # protobuf's DecodeError, or a RuntimeWarning-turned-error
-            raise QwenMobileError(f"{spec_path}: not a Core ML model protobuf ({error})") from None
-        if not self.spec.HasField("mlProgram"):
-            raise QwenMobileError(f"{spec_path}: not an ML Program (the emulator runs ML Programs only)")
+        self.spec = read_spec(self.path)
         self._blobs: dict[str, object] = {}
         self._blob_cache: dict[tuple, np.ndarray] = {}
         self.functions = {name: self._function(name, f) for name, f in self.spec.mlProgram.functions.items()}
