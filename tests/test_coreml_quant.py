@@ -126,7 +126,8 @@ def test_a_planned_weight_the_conversion_holds_no_placeholder_of_is_an_error_not
     placeholders = placeholder_weights(model, plan)
     name = "layers.1.mlp.up_proj.weight"
     with replaced_weights(model, {**placeholders, name: placeholders[name].clone()}):
-        with pytest.raises(QwenMobileError, match=f"no constant made from the placeholders of the plan's weights {name};"):
+        with pytest.raises(QwenMobileError,
+                           match=f"no constant made from the placeholders of the plan's weights {name};"):
             lower.convert_function(model, 64, None, "float32", lower.split_kinds("float32", "float32"), plan,
                                    placeholders)
 
