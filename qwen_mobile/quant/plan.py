@@ -283,13 +283,22 @@ def release_planned_weights(model: nn.Module, plan: QuantPlan) -> None:
     the plan's own tensors in (replaced_weights), but can no longer compute. For a caller done with
     the float model: at 0.8B those weights are 3 GB of the 3.1 GB."""
     modules = planned_modules(model)
-    released = {}
+    # float32 whatever it was held in (memory.py): the model describes what it computes
+    released = one_per_tensor(model, plan, lambda weight: nn.Parameter(torch.empty(weight.shape, device="meta"),
+                                                                        requires_grad=False))
+    for name, weight in released.items():
+        modules[name].weight = weight
+
+
+def one_per_tensor(model: nn.Module, plan: QuantPlan, make) -> dict[str, torch.Tensor]:
+    """Planned weight name -> make(its tensor), made once per tensor: tied weights share the result."""
+    modules = planned_modules(model)
+    made: dict[int, torch.Tensor] = {}
     for name in plan.weights:
         weight = modules[name].weight
-        if id(weight) not in released:
-            # float32 whatever it was held in (memory.py): the model describes what it computes
-            released[id(weight)] = nn.Parameter(torch.empty(weight.shape, device="meta"), requires_grad=False)
-        modules[name].weight = released[id(weight)]
+        if id(weight) not in made:
+            made[id(weight)] = make(weight)
+    return {name: made[id(modules[name].weight)] for name in plan.weights}
 
 
 def placeholder(shape) -> torch.Tensor:
@@ -302,13 +311,7 @@ def placeholder(shape) -> torch.Tensor:
 
 def placeholder_weights(model: nn.Module, plan: QuantPlan) -> dict[str, torch.Tensor]:
     """A placeholder for each weight `plan` quantizes (for replaced_weights), tied weights sharing one."""
-    modules = planned_modules(model)
-    made: dict[int, torch.Tensor] = {}
-    for name in plan.weights:
-        weight = modules[name].weight
-        if id(weight) not in made:
-            made[id(weight)] = placeholder(weight.shape)
-    return {name: made[id(modules[name].weight)] for name in plan.weights}
+    return one_per_tensor(model, plan, lambda weight: placeholder(weight.shape))
 
 
 def bits_and_group(scheme: QuantScheme, name: str, columns: int) -> tuple[int, int]:
