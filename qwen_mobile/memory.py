@@ -6,7 +6,9 @@ in float32 the 2B model is 7.3 GiB, twice its checkpoint, and 4B (15.7 GiB) or 9
 would not fit this project's 24 GB machine beside the plan and the gate. Widening bf16 or fp16
 to float32 is exact, so a model whose Linear and Embedding weights stay in the checkpoint's
 dtype, and are widened a block at a time as it runs (`linear`), computes the same logits bit for
-bit (tests/test_export_memory.py), and a decode step reads half the bytes.
+bit (tests/test_export_memory.py), and a decode step reads half the bytes. The plan's passes
+compute from its integers the same way (`linear` dequantizes a block at a time, quant.eager), so
+no dequantized copy of a weight is held either: at 9B that copy would be 16.7 GiB in fp16.
 
 Only eager computation goes through this (the gate's references, `verify`); a lowering traces
 the model and must see float32 weights or the plan's tensors, never `widened`.
@@ -21,32 +23,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen_mobile.quant.plan import QuantPlan, filled_by_rows, planned_modules
+from qwen_mobile.quant.plan import QuantizedWeight, QuantPlan, planned_modules
 
-NARROW_DTYPES = (torch.float16, torch.bfloat16)
 WIDEN_ELEMENTS = 1 << 20  # linear's block: 4 MiB in float32
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear in float32 for a weight held in any float dtype, a block of WIDEN_ELEMENTS
-    weights at a time: each block is widened into one float32 buffer that stays in cache, so a
-    decode step reads the narrow weight once (measured on this machine, one decode step through a
-    62080 x 2048 fp16 weight: 18 ms, against 27 ms for F.linear on the float32 weight and 148 ms
-    for widening it whole first). Blocks of a float32 weight are read in place: the same sums either way."""
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear in float32 for a weight held in any float dtype or as a plan's integers, a block of
+    WIDEN_ELEMENTS weights at a time: each block is widened (or dequantized) into one float32 buffer
+    that stays in cache, so a decode step reads the narrow weight once (measured on this machine,
+    one decode step through a 62080 x 2048 fp16 weight: 18 ms, against 27 ms for F.linear on the
+    float32 weight and 148 ms for widening it whole first), and the plan's passes never hold a
+    dequantized copy of a weight. Blocks of a float32 weight are read in place: the same sums
+    whichever way the weight is held."""
     rows = max(1, WIDEN_ELEMENTS // weight.shape[1])
     out = x.new_empty(*x.shape[:-1], weight.shape[0])
-    buffer = None if weight.dtype == torch.float32 else torch.empty(min(rows, weight.shape[0]), weight.shape[1])
+    in_place = isinstance(weight, torch.Tensor) and weight.dtype == torch.float32
+    buffer = None if in_place else torch.empty(min(rows, weight.shape[0]), weight.shape[1])
     # several sequences (the gate's batched noise floor): one product per sequence, as each alone
     # would take it, so that batching changes no summation order in the linears
     sequences = x.unsqueeze(0) if x.dim() < 3 else x
     results = out.unsqueeze(0) if x.dim() < 3 else out
     for start in range(0, weight.shape[0], rows):
-        block = weight[start:start + rows]
-        if buffer is not None:
-            block = buffer[: block.shape[0]].copy_(block)
-        bias_rows = None if bias is None else bias[start:start + rows]
+        span = slice(start, start + rows)
+        if in_place:
+            block = weight[span]
+        elif isinstance(weight, QuantizedWeight):
+            block = weight.dequantize_rows_into(span, buffer)
+        else:
+            block = buffer[: min(rows, weight.shape[0] - start)].copy_(weight[span])
+        bias_rows = None if bias is None else bias[span]
         for sequence, result in zip(sequences, results):
-            result[..., start:start + rows] = F.linear(sequence, block, bias_rows)
+            result[..., span] = F.linear(sequence, block, bias_rows)
     return out
 
 
@@ -78,18 +86,6 @@ def widened(model: nn.Module):
             handle.remove()
         for module in linears:
             vars(module).pop("forward", None)
-
-
-def narrowest_exact(make_rows, shape: tuple[int, int]) -> torch.Tensor:
-    """The values make_rows(rows) gives for every row slice, in the narrowest of fp16, bf16 and
-    float32 that holds all of them exactly, made a few rows at a time (so a float32 copy of the
-    whole tensor is never held beside the narrow one). 4-bit integers times a bf16 scale fit
-    fp16 (11 significant bits) unless a scale is tiny; 8-bit ones need float32."""
-    for dtype in NARROW_DTYPES:
-        values = filled_by_rows(dtype, make_rows, shape)
-        if values is not None:
-            return values
-    return filled_by_rows(torch.float32, make_rows, shape)
 
 
 def widen_unplanned(model: nn.Module, plan: QuantPlan) -> None:

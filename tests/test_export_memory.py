@@ -1,6 +1,7 @@
 """A single-plan export frees the float weights it no longer needs (export.write_bundle's
-release_float_weights, parity.references' keep_float): the gate's references are the same, and
-lowering reads no weight that was released."""
+release_float_weights, parity.references' keep_float) and holds no dequantized copy of a weight
+(quant.eager.dequantized computes from the plan's integers): the gate's references are the same,
+and lowering reads no weight that was released."""
 
 import json
 
@@ -11,9 +12,9 @@ from qwen_mobile.backends.executorch.backend import ExecuTorchBackend
 from qwen_mobile.checkpoint import EMBEDDED_MODEL, load_checkpoint, open_checkpoint
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.export import prepare_target, write_bundle
-from qwen_mobile.memory import linear, narrowest_exact, widen_unplanned, widened
+from qwen_mobile.memory import linear, widen_unplanned, widened
 from qwen_mobile.parity import references
-from qwen_mobile.quant.eager import dequantize_in_place, dequantized
+from qwen_mobile.quant.eager import dequantized
 from qwen_mobile.quant.plan import make_plan, planned_modules, resolve_scheme, round_to_nearest
 
 
@@ -26,8 +27,8 @@ def loaded_and_planned(quant: str = "8da4w", matrices_at_rest: bool = False):
 def test_references_without_the_float_weights_are_the_same_references(embedded_bundle):
     """What the gate compares against, bit for bit, whether the float model is kept whole in
     float32 or held as export_bundle holds it: matrices at rest in the checkpoint's bf16
-    (memory.py), the plan's dequantized weights replacing them for good (fp16 for 4-bit). The
-    plan is the same too. That lowering then reads no released weight is the next test, and the
+    (memory.py), released for good once the float reference is made, the plan's passes computing
+    from its integers. The plan is the same too. That lowering then reads no released weight is the next test, and the
     bundle it writes is the one every ExecuTorch 8da4w test checks."""
     target, kept_model, kept_plan = loaded_and_planned()
     _, freed_model, plan = loaded_and_planned(matrices_at_rest=True)
@@ -44,7 +45,7 @@ def test_references_without_the_float_weights_are_the_same_references(embedded_b
         assert torch.equal(getattr(kept, field), getattr(freed, field)), field
     assert kept.gate == freed.gate and kept.noise_floor == freed.noise_floor and kept.noise_floor is not None
     assert not any(parameter.is_meta for parameter in kept_model.model.parameters())
-    assert {modules[name].weight.dtype for name in plan.weights} == {torch.float16}
+    assert all(modules[name].weight.is_meta for name in plan.weights)
     released = json.loads((embedded_bundle("executorch", "8da4w") / "manifest.json").read_text())
     assert released["parity"]["passed"] and released["parity"]["max_mean_kl"] == kept.gate.max_mean_kl
 
@@ -71,38 +72,59 @@ def test_lowering_sees_the_planned_float_weights_only_where_the_backend_reads_th
     assert plan.kept_float and not any(seen[name] for name in plan.kept_float)
 
 
-def test_dequantized_without_the_float_weights_computes_the_same_and_keeps_the_dequantized_ones():
+def test_dequantized_without_the_float_weights_computes_the_same_from_the_plans_integers():
     kept, freed = (load_checkpoint(open_checkpoint(None)).model for _ in range(2))
     plan = make_plan(kept, resolve_scheme("8da4w"))
     tokens = torch.arange(9).reshape(1, 9)
     with torch.no_grad():
         with dequantized(kept, plan):
             expected, _ = kept(tokens, torch.tensor([0]), kept.init_state(16))
-        with dequantized(freed, plan, keep_float=False), widened(freed):  # its weights are fp16 now
+        with dequantized(freed, plan, keep_float=False):
             got, _ = freed(tokens, torch.tensor([0]), freed.init_state(16))
     assert torch.equal(got, expected)
     modules = planned_modules(freed)
-    for name, weight in plan.weights.items():
-        assert torch.equal(modules[name].weight.float(), weight.dequantize())
-    # asked again (each noise-floor pass asks), nothing is made anew
-    held = {name: modules[name].weight for name in plan.weights}
-    dequantize_in_place(freed, plan)
-    assert all(planned_modules(freed)[name].weight is held[name] for name in plan.weights)
+    assert all(modules[name].weight.is_meta for name in plan.weights)  # released, and no dequantized copy held
     assert freed.lm_head.weight is freed.embed_tokens.weight
-    assert kept.lm_head.weight is kept.embed_tokens.weight  # the plain path gives the float weights back
+    assert not any(parameter.is_meta for parameter in kept.parameters())  # the plain path gives the float weights back
+    assert kept.lm_head.weight is kept.embed_tokens.weight
+    assert not any("forward" in vars(module) for module in modules.values())
 
 
-def test_8bit_dequantized_weights_are_held_in_float32_and_give_the_same_references():
-    """8-bit integers times bf16 scales need more than fp16's 11 significant bits: a model at rest
-    holds those dequantized weights in float32 and its references are the float32 model's."""
+@pytest.mark.parametrize("quant", ["int8", "int4", "8da4w"])
+def test_the_plans_pass_is_the_one_with_its_dequantized_weights_in_place_bit_for_bit(quant):
+    """What dequantized computes from the integers, against the plain way: the plan's dequantized
+    float32 weights swapped into the model, every Linear through memory.linear's blocks."""
+    from qwen_mobile.quant.eager import INT8_ASYMMETRIC_PER_TOKEN, quantize_per_token
+    from qwen_mobile.quant.plan import replaced_weights
+
+    model = load_checkpoint(open_checkpoint(None)).model
+    plan = make_plan(model, resolve_scheme(quant))
+    tokens = torch.randint(0, model.config.vocab_size, (1, 23), generator=torch.Generator().manual_seed(3))
+    dynamic = [planned_modules(model)[name] for name, weight in plan.weights.items()
+               if weight.activations == INT8_ASYMMETRIC_PER_TOKEN]
+    hooks = [module.register_forward_pre_hook(lambda module, args: (quantize_per_token(args[0]),))
+             for module in dynamic]
+    try:
+        dequantized_values = {name: weight.dequantize() for name, weight in plan.weights.items()}
+        with torch.no_grad(), widened(model), replaced_weights(model, dequantized_values):
+            expected, _ = model(tokens, torch.tensor([0]), model.init_state(32), all_positions=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    with torch.no_grad(), widened(model), dequantized(model, plan):
+        got, _ = model(tokens, torch.tensor([0]), model.init_state(32), all_positions=True)
+    assert torch.equal(got, expected)
+
+
+def test_8bit_references_at_rest_are_the_float32_models():
+    """8-bit integers times bf16 scales need more than fp16's 11 significant bits; the plan's passes
+    compute them in float32 from the integers whatever dtype the float weights were held in."""
     target, wide, wide_plan = loaded_and_planned("int8")
     _, narrow, plan = loaded_and_planned("int8", matrices_at_rest=True)
     wide_refs = references(wide.model, target.lengths, wide_plan, tokenizer_dir=EMBEDDED_MODEL, keep_float=False)
     narrow_refs = references(narrow.model, target.lengths, plan, tokenizer_dir=EMBEDDED_MODEL, keep_float=False)
     for field in ("tokens", "float_logits", "logits"):
         assert torch.equal(getattr(wide_refs, field), getattr(narrow_refs, field)), field
-    modules = planned_modules(narrow.model)
-    assert {modules[name].weight.dtype for name in plan.weights} == {torch.float32}
 
 
 def test_widened_leaves_the_model_as_it_was_even_when_a_call_fails():
@@ -139,13 +161,28 @@ def test_linear_multiplies_each_sequence_of_a_batch_as_that_sequence_alone():
         assert all(torch.equal(together[b], linear(x[b : b + 1], weight)[0]) for b in range(8)), tokens
 
 
-def test_dequantized_weights_are_held_in_fp16_only_where_fp16_holds_them_exactly():
-    weight = torch.randn(64, 64) * 0.02
-    four_bit = round_to_nearest(weight, 4, 32, None)
-    assert narrowest_exact(four_bit.dequantize_rows, (64, 64)).dtype == torch.float16
-    tiny = round_to_nearest(weight * 1e-4, 4, 32, None)  # scales near fp16's subnormals
-    held = narrowest_exact(tiny.dequantize_rows, (64, 64))
-    assert held.dtype != torch.float16 and torch.equal(held.float(), tiny.dequantize())
-    eight_bit = round_to_nearest(weight, 8, 64, None)
-    held = narrowest_exact(eight_bit.dequantize_rows, (64, 64))
-    assert held.dtype == torch.float32 and torch.equal(held, eight_bit.dequantize())
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (4, 64), (8, 64)])
+def test_dequantizing_into_a_buffer_is_torchaos_dequantize_affine_bit_for_bit(bits, group_size):
+    """QuantizedWeight's own dequantization (written into linear's block buffer) against torchao's,
+    zero points and all, by slices and by the rows an embedding looks up; and linear from the
+    integers against linear from their dequantized float32 values."""
+    from torchao.quantization.quant_primitives import dequantize_affine
+
+    from qwen_mobile.quant.plan import QuantizedWeight
+
+    generator = torch.Generator().manual_seed(bits + group_size)
+    rows, columns = 300, 128
+    weight = round_to_nearest(torch.randn(rows, columns, generator=generator) * 0.02, bits, group_size, None)
+    shifted = QuantizedWeight(weight.qdata, weight.scale, torch.randint(-3, 4, weight.scale.shape, generator=generator,
+                              dtype=torch.int8), bits, group_size, None)
+    for quantized in (weight, shifted):
+        expected = dequantize_affine(quantized.qdata, quantized.block_size, quantized.scale, quantized.zero_point,
+                                     torch.int8, quantized.qmin, quantized.qmax, output_dtype=torch.float32)
+        assert torch.equal(quantized.dequantize(), expected)
+        picked = torch.tensor([7, 0, 299, 7])
+        assert torch.equal(quantized.dequantize_rows(picked), expected[picked])
+        buffer = torch.full((64, columns), float("nan"))
+        assert torch.equal(quantized.dequantize_rows_into(slice(280, 344), buffer), expected[280:])
+        for tokens in (1, 17):
+            x = torch.randn(1, tokens, columns, generator=generator)
+            assert torch.equal(linear(x, quantized), linear(x, expected))

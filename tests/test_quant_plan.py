@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from qwen_mobile.checkpoint import load
 from qwen_mobile.errors import QwenMobileError
+from qwen_mobile.memory import linear
 from qwen_mobile.parity import mean_kl, relative_diff
 from qwen_mobile.quant import plan as plan_module
 from qwen_mobile.quant.eager import dequantized, quantize_per_token
@@ -108,7 +109,9 @@ def test_the_eager_reference_uses_the_plan_and_gives_the_float_weights_back(mode
 
     reference = logits()
     with dequantized(model, plan):
-        assert torch.equal(model.layers[0].mlp.up_proj.weight, plan.weights["layers.0.mlp.up_proj.weight"].dequantize())
+        x = torch.randn(1, 3, model.config.hidden_size)
+        planned = plan.weights["layers.0.mlp.up_proj.weight"]
+        assert torch.equal(model.layers[0].mlp.up_proj(x), linear(quantize_per_token(x), planned.dequantize()))
         quantized = logits()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert model.lm_head.weight is model.embed_tokens.weight

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import types
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from qwen_mobile.memory import linear, narrowest_exact
+from qwen_mobile.memory import linear
 
-from .plan import QuantizedWeight, QuantPlan, planned_modules, replaced_weights
+from .plan import QuantizedWeight, QuantPlan, planned_modules, release_planned_weights
 from .static import StaticRange, is_static, static_linear
 
 INT8_ASYMMETRIC_PER_TOKEN = "int8_asymmetric_per_token"
@@ -41,10 +40,6 @@ def quantize_per_token(x: torch.Tensor) -> torch.Tensor:
     return dequantize_affine(q, block, scale, zero_point, torch.int8, -128, 127, output_dtype=x.dtype)
 
 
-def _linear_on_quantized_tokens(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return linear(quantize_per_token(x), self.weight, self.bias)
-
-
 def _perturbed(x: torch.Tensor, seed: int | torch.Tensor, ulps: float) -> torch.Tensor:
     # a hash of each value's bits, so that equal inputs are rounded equally, as by a real kernel;
     # a tensor of seeds gives each batch row its own
@@ -55,9 +50,11 @@ def _perturbed(x: torch.Tensor, seed: int | torch.Tensor, ulps: float) -> torch.
     return x * (1 + uniform * ulps * 2.0**-23)
 
 
-def _perturbed_linear(seed: int, ulps: float):
+def _integer_linear(weight: QuantizedWeight, activations: str | None, jitter: tuple[int, float] | None):
     def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        return linear(quantize_per_token(_perturbed(x, seed, ulps)), self.weight, self.bias)
+        if activations == INT8_ASYMMETRIC_PER_TOKEN:
+            x = quantize_per_token(x if jitter is None else _perturbed(x, *jitter))
+        return linear(x, weight, self.bias)
 
     return forward
 
@@ -69,13 +66,22 @@ def _static_linear(qdata: torch.Tensor, scale: torch.Tensor, spec: StaticRange, 
     return forward
 
 
+def _integer_embedding(weight: QuantizedWeight):
+    # a lookup copies rows: dequantizing the rows looked up is the same as looking them up dequantized
+    def forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+        return weight.dequantize_rows(ids.reshape(-1)).view(*ids.shape, -1)
+
+    return forward
+
+
 @contextlib.contextmanager
 def dequantized(model: nn.Module, plan: QuantPlan, jitter: tuple[int, float] | None = None, keep_float: bool = True):
     """Inside the block, `model` computes with the plan's dequantized weights and fake-quantized
-    activations; its float weights come back afterwards (see replaced_weights). keep_float=False,
-    for a caller with no further use for the float weights: they are replaced for good, one weight
-    at a time (dequantize_in_place), so the float model and its dequantized copy (3 GB each at
-    0.8B) are never held whole together; the model keeps the dequantized weights afterwards.
+    activations. Each planned Linear and Embedding computes from the plan's integers a block of
+    rows at a time (memory.linear), so no dequantized copy of a weight is ever held: 1 byte per
+    weight, where a float32 copy of the 0.8B model's was 3 GB. keep_float=False, for a caller with
+    no further use for the float weights: they are released for good on the way in
+    (quant.plan.release_planned_weights), and the model can no longer compute without a plan.
 
     jitter (seed, ulps): every activation entering a dynamic or static quantizer is first moved by up to
     `ulps` units in the last place, pseudo-randomly but as a function of its value: what another
@@ -87,64 +93,25 @@ def dequantized(model: nn.Module, plan: QuantPlan, jitter: tuple[int, float] | N
         if is_static(weight.activations) and name not in plan.activation_ranges:
             raise ValueError(f"{name}: static activations without a range in the plan")
     modules = planned_modules(model)
-    on_quantized_tokens = [modules[name] for name, weight in plan.weights.items()
-                           if weight.activations == INT8_ASYMMETRIC_PER_TOKEN]
-    on_static_ranges = {modules[name]: _static_linear(weight.qdata, weight.scale, plan.activation_ranges[name], jitter)
-                        for name, weight in plan.weights.items() if is_static(weight.activations)}
-    forward = _linear_on_quantized_tokens if jitter is None else _perturbed_linear(*jitter)
-    if keep_float:
-        weights = replaced_weights(model, {name: value for names, value in dequantized_weights(plan) for name in names})
-    else:
-        dequantize_in_place(model, plan)
-        weights = contextlib.nullcontext()
-    with weights:
-        previous = {}  # forwards set before (memory.widened's), given back on the way out
-        try:
-            for module in on_quantized_tokens:
-                previous[module] = vars(module).get("forward")
-                module.forward = types.MethodType(forward, module)
-            for module, static_forward in on_static_ranges.items():
-                previous[module] = vars(module).get("forward")
-                module.forward = types.MethodType(static_forward, module)
-            yield model
-        finally:
-            for module, forward_before in previous.items():
-                if forward_before is None:
-                    del module.forward
-                else:
-                    module.forward = forward_before
-
-
-def sharing_groups(plan: QuantPlan) -> list[tuple[QuantizedWeight, list[str]]]:
-    """Each of the plan's integer tensors once, with the names of the weights that hold it (a tied
-    lm_head shares the embedding's)."""
-    sharing: dict[int, tuple[QuantizedWeight, list[str]]] = {}
+    forwards = {}
     for name, weight in plan.weights.items():
-        sharing.setdefault(id(weight.qdata), (weight, []))[1].append(name)
-    return list(sharing.values())
-
-
-def dequantized_weights(plan: QuantPlan) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """(names, dequantized value) for each of the plan's integer tensors, each made only when asked for."""
-    for weight, names in sharing_groups(plan):
-        yield names, weight.dequantize()
-
-
-def dequantize_in_place(model: nn.Module, plan: QuantPlan) -> None:
-    """Every planned weight of `model` replaced for good by its dequantized value, one integer
-    tensor at a time: each float weight is freed as soon as its modules hold the replacement, so
-    no more than one weight is held in both forms. A weight already replaced from the same
-    integers is left as it is: the gate's plan pass and noise-floor passes each ask, and making
-    the 0.8B embedding again beside the one held cost 1 GiB of peak per pass.
-
-    Each replacement is held in the narrowest float dtype that holds it exactly (memory.py):
-    4-bit integers times bf16 scales fit fp16, half of float32, and `dequantized` widens them
-    as the model computes inside memory.widened, which the caller enters."""
-    modules = planned_modules(model)
-    for weight, names in sharing_groups(plan):
-        if all(getattr(modules[name].weight, "dequantized_from", None) is weight.qdata for name in names):
-            continue
-        value = nn.Parameter(narrowest_exact(weight.dequantize_rows, tuple(weight.qdata.shape)), requires_grad=False)
-        value.dequantized_from = weight.qdata
-        for name in names:
-            modules[name].weight = value
+        if isinstance(modules[name], nn.Embedding):
+            forwards[modules[name]] = _integer_embedding(weight)
+        elif is_static(weight.activations):
+            forwards[modules[name]] = _static_linear(weight.qdata, weight.scale, plan.activation_ranges[name], jitter)
+        else:
+            forwards[modules[name]] = _integer_linear(weight, weight.activations, jitter)
+    if not keep_float:
+        release_planned_weights(model, plan)
+    previous = {}  # forwards set before (memory.widened's), given back on the way out
+    try:
+        for module, forward in forwards.items():
+            previous[module] = vars(module).get("forward")
+            module.forward = types.MethodType(forward, module)
+        yield model
+    finally:
+        for module, forward_before in previous.items():
+            if forward_before is None:
+                del module.forward
+            else:
+                module.forward = forward_before

@@ -124,19 +124,36 @@ class QuantizedWeight:
     def block_size(self) -> tuple[int, int]:
         return (1, self.group_size)
 
+    @property
+    def shape(self) -> torch.Size:
+        return self.qdata.shape
+
     def dequantize(self) -> torch.Tensor:
         # a few rows at a time, as round_to_nearest quantizes them: the same values, without
-        # torchao's whole-weight temporaries (2 GiB over the result for the 0.8B embedding)
+        # whole-weight temporaries (torchao's came to 2 GiB over the result for the 0.8B embedding)
         return filled_by_rows(torch.float32, self.dequantize_rows, tuple(self.qdata.shape))
 
-    def dequantize_rows(self, rows: slice) -> torch.Tensor:
-        """The float32 values of some rows (the rest of the weight is not made)."""
-        from torchao.quantization.quant_primitives import dequantize_affine
+    def dequantize_rows(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        """The float32 values of some rows, a slice or a tensor of row indices (the rest of the weight is not made)."""
+        integers = self.qdata[rows]
+        return self._dequantized(integers, rows, torch.empty(integers.shape))
 
-        return dequantize_affine(
-            self.qdata[rows], self.block_size, self.scale[rows], self.zero_point[rows], torch.int8, self.qmin,
-            self.qmax, output_dtype=torch.float32,
-        )
+    def dequantize_rows_into(self, rows: slice, out: torch.Tensor) -> torch.Tensor:
+        """dequantize_rows(rows) written into the first rows of the float32 buffer `out`, which is returned cut to them."""
+        integers = self.qdata[rows]
+        return self._dequantized(integers, rows, out[: integers.shape[0]])
+
+    def _dequantized(self, integers: torch.Tensor, rows, out: torch.Tensor) -> torch.Tensor:
+        # torchao's dequantize_affine, (q - zero_point) * scale in float32, rounded once per value
+        # (tests/test_export_memory.py checks it against torchao bit for bit), written by hand
+        # into a buffer the caller keeps: the eager passes dequantize a block of rows per linear
+        # per call, where torchao makes three temporaries each time.
+        grouped = out.copy_(integers).view(out.shape[0], -1, self.group_size)
+        zero_point = self.zero_point[rows]
+        if zero_point.any():
+            grouped.sub_(zero_point.unsqueeze(-1))
+        grouped.mul_(self.scale[rows].unsqueeze(-1))
+        return out
 
 
 def chunk_rows(columns: int) -> int:
