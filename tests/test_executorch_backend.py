@@ -278,8 +278,11 @@ def test_an_existing_directory_is_refused(source, tmp_path):
 
 def test_a_failing_gate_leaves_no_bundle(exported, source, tmp_path, monkeypatch):
     """The gate itself is untouched: the eager reference it compares against is shifted."""
-    written = lower.LoweredProgram((exported / "model.pte").read_bytes(), set())
-    monkeypatch.setattr(lower, "lower", lambda *args: written)  # the real lowering already ran in `exported`
+    def lowered_already(*args):  # the real lowering ran in `exported`: its program, written where asked
+        args[-1].write_bytes((exported / "model.pte").read_bytes())
+        return set()
+
+    monkeypatch.setattr(lower, "lower", lowered_already)
     reference = parity.reference_logits
     monkeypatch.setattr(parity, "reference_logits", lambda *args: reference(*args) + 1.0)
     with pytest.raises(QwenMobileError, match="disagrees with the eager model"):

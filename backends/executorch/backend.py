@@ -31,12 +31,12 @@ class ExecuTorchBackend(Backend):
         metadata = lower.runner_metadata(
             model, lengths.max_context, lengths.max_chunk, target.special_tokens["bos"], target.special_tokens["eos"]
         )
-        program = lower.lower(model, target.plan, lengths.max_context, lengths.max_chunk, metadata)
-        (directory / self.spec.artifact).write_bytes(program.pte)
+        portable_operators = lower.lower(model, target.plan, lengths.max_context, lengths.max_chunk, metadata,
+                                         directory / self.spec.artifact)
         return {
             "methods": {"forward": forward_signature(model.config.vocab_size, lengths.max_chunk),
                         **constant_methods(metadata)},
-            "portable_operators": sorted(program.portable_operators),
+            "portable_operators": sorted(portable_operators),
         }
 
     def stored_state(self, tensor: StateTensor, plan) -> list[dict]:
