@@ -108,6 +108,24 @@ def test_the_gates_weight_check_reads_the_integers_where_the_offsets_point(outsi
     assert backend.missing_weights(edited, manifest, plan) == [MUTATED]
 
 
+def test_a_weight_whose_signatures_hold_it_in_two_buffers_is_named(inline, manifest, plan, tmp_path):
+    """The weight check reads one weight at a time (quantize.stored_weights) and takes each once,
+    so a second copy in another signature is looked at for its buffer: one that is not the first's
+    is not what the encoder writes, and the weight is named."""
+    model = quantize.schema().ModelT.InitFromPackedBuf((inline / "model.tflite").read_bytes(), 0)
+    last = model.subgraphs[-1]
+    tensor = next(t for t in last.tensors if t.name.decode() == f"{MUTATED}.qdata")
+    copy = quantize.schema().BufferT()
+    copy.data = np.array(model.buffers[tensor.buffer].data, copy=True)
+    model.buffers.append(copy)
+    tensor.buffer = len(model.buffers) - 1
+    edited = tmp_path / "bundle"
+    shutil.copytree(inline, edited)
+    (edited / "model.tflite").write_bytes(quantize.serialize(model))
+    assert len(model.subgraphs) > 1
+    assert BACKEND.load().missing_weights(edited, manifest, plan) == [MUTATED]
+
+
 def test_every_other_reader_of_the_file_sees_the_same_model(inline, outside, manifest):
     before, after = (inline / "model.tflite").read_bytes(), (outside / "model.tflite").read_bytes()
     assert npu_report.build(outside / "model.tflite") == npu_report.build(inline / "model.tflite")

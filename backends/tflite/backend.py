@@ -83,22 +83,20 @@ class TFLiteBackend(Backend):
         from . import quantize
 
         flatbuffer = (Path(bundle) / manifest["artifact"]).read_bytes()
+        missing = differing_ranges(quantize.static_ranges(flatbuffer), plan)
+        found = set()
         try:
-            stored = quantize.read_weights(flatbuffer)
+            for name, entry in quantize.stored_weights(flatbuffer):  # one weight's integers held at a time
+                found.add(name)
+                weight = plan.weights.get(name)
+                if weight is not None and not stores(entry, weight):
+                    missing.append(name)
         except AssertionError as error:  # one weight in two buffers: not what the encoder writes
             return [str(error).split(":")[0]]
-        missing = differing_ranges(quantize.static_ranges(flatbuffer), plan)
+        owner = plan.weights.get("embed_tokens.weight")
         for name, weight in plan.weights.items():
-            entry = stored.get(name)
-            if entry is None:
-                owner = plan.weights.get("embed_tokens.weight")
-                if name != "embed_tokens.weight" and owner is not None and weight.qdata is owner.qdata:
-                    continue
-                missing.append(name)
-            elif not (entry["qdata"].size == weight.qdata.numel() and entry["scale"].size == weight.scale.numel()
-                      and np.array_equal(entry["qdata"].reshape(weight.qdata.shape), weight.qdata.numpy())
-                      and np.array_equal(entry["scale"].reshape(weight.scale.shape), weight.scale.float().numpy())
-                      and np.array_equal(entry["zero_point"].reshape(weight.zero_point.shape), weight.zero_point.numpy())):
+            tied = name != "embed_tokens.weight" and owner is not None and weight.qdata is owner.qdata
+            if name not in found and not tied:
                 missing.append(name)
         return sorted(set(missing))
 
@@ -110,6 +108,15 @@ class TFLiteBackend(Backend):
             "xnnpack_weight_cache": "shared by both signatures: a file for schemes with quantized activations, in memory otherwise",
             "state": "caches bound in place (state_in_place), other state in swapped buffers",
         }
+
+
+def stores(entry: dict, weight) -> bool:
+    """Whether a weight read back from the file (quantize.stored_weights) holds the plan's integers,
+    scales and zero points exactly."""
+    return (entry["qdata"].size == weight.qdata.numel() and entry["scale"].size == weight.scale.numel()
+            and np.array_equal(entry["qdata"].reshape(weight.qdata.shape), weight.qdata.numpy())
+            and np.array_equal(entry["scale"].reshape(weight.scale.shape), weight.scale.float().numpy())
+            and np.array_equal(entry["zero_point"].reshape(weight.zero_point.shape), weight.zero_point.numpy()))
 
 
 def differing_ranges(found: dict[str, list[dict]], plan) -> list[str]:
