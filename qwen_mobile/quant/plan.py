@@ -131,7 +131,11 @@ class QuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         # a few rows at a time, as round_to_nearest quantizes them: the same values, without
         # whole-weight temporaries (torchao's came to 2 GiB over the result for the 0.8B embedding)
-        return filled_by_rows(torch.float32, self.dequantize_rows, tuple(self.qdata.shape))
+        values = torch.empty(self.qdata.shape)
+        step = chunk_rows(self.qdata.shape[1])
+        for start in range(0, self.qdata.shape[0], step):
+            self.dequantize_rows_into(slice(start, start + step), values[start:start + step])
+        return values
 
     def dequantize_rows(self, rows: slice | torch.Tensor) -> torch.Tensor:
         """The float32 values of some rows, a slice or a tensor of row indices (the rest of the weight is not made)."""
@@ -159,20 +163,6 @@ class QuantizedWeight:
 def chunk_rows(columns: int) -> int:
     """How many rows of a weight `columns` wide make one chunk of CHUNK_ELEMENTS (at least one)."""
     return max(1, CHUNK_ELEMENTS // max(1, columns))
-
-
-def filled_by_rows(dtype: torch.dtype, make_rows, shape: tuple[int, int]) -> torch.Tensor | None:
-    """make_rows(rows)'s values for every row slice of `shape`, made a few rows at a time, held in
-    `dtype`; None when one of them is not exactly representable in it (float32 holds any)."""
-    values = torch.empty(shape, dtype=dtype)
-    step = chunk_rows(shape[1])
-    for start in range(0, shape[0], step):
-        rows = slice(start, start + step)
-        chunk = make_rows(rows)
-        values[rows] = chunk
-        if dtype != torch.float32 and not torch.equal(values[rows].float(), chunk):
-            return None
-    return values
 
 
 def round_to_nearest(
