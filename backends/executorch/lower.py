@@ -138,7 +138,8 @@ def runner_metadata(model: Qwen35, max_context: int, max_seq_len: int, bos_id: i
     }
 
 
-def lower(model: Qwen35, plan: QuantPlan, max_context: int, max_seq_len: int, metadata: dict, artifact: Path) -> set[str]:
+def lower(model: Qwen35, plan: QuantPlan, max_context: int, max_seq_len: int, metadata: dict,
+          artifact: Path) -> set[str]:
     """Write the program to `artifact` and return the kernels the runtime must provide besides
     XNNPACK (llama:: is in ExecuTorch's LLM custom ops library). Written from ExecuTorch's
     serialized pieces (write_to_file), never joined into one bytes object first: that copy is the

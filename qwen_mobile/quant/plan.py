@@ -143,7 +143,8 @@ class QuantizedWeight:
         return self._dequantized(integers, rows, torch.empty(integers.shape))
 
     def dequantize_rows_into(self, rows: slice, out: torch.Tensor) -> torch.Tensor:
-        """dequantize_rows(rows) written into the first rows of the float32 buffer `out`, which is returned cut to them."""
+        """dequantize_rows(rows) written into the first rows of the float32 buffer `out`, which is returned
+        cut to them."""
         integers = self.qdata[rows]
         return self._dequantized(integers, rows, out[: integers.shape[0]])
 
