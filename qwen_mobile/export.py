@@ -12,13 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from qwen_mobile import progress
 from qwen_mobile.bundle import build_manifest, copy_tokenizer, read_tokenizer_config, write_manifest
 from qwen_mobile.checkpoint import Checkpoint, LoadedModel, load_checkpoint, open_checkpoint, stop_token_ids
 from qwen_mobile.config import Qwen35Config
 from qwen_mobile.errors import LoweringFailed, QwenMobileError, first_line
 from qwen_mobile.memory import return_freed_memory, widen_unplanned
-from qwen_mobile.quant.plan import PLAN_FILE, QuantPlan, release_planned_weights, resolve_scheme, save_plan
+from qwen_mobile.quant.plan import (PLAN_FILE, QuantPlan, make_plan, release_planned_weights, resolve_scheme,
+                                    save_plan)
 from qwen_mobile.registry import Backend, BackendSpec, ExportTarget, Lengths, get_backend
 from qwen_mobile.staging import check_target, staged_directory
 
@@ -128,12 +131,25 @@ def export_bundle(
                and not target.implementation.lowering_reads_planned_weights)
     with progress.step("loading the checkpoint"):
         loaded = load_checkpoint(checkpoint, matrices_at_rest=at_rest)
-    with progress.step(f"planning {target.quant} quantization" + calibration_request.describe()):
-        plan = calibration_request.plan(loaded.model, scheme, checkpoint.path)
+    float_logits = None
+    if at_rest:
+        # Then nothing after the plan reads a float weight it quantizes but the gate's float
+        # reference: that runs first, and the plan releases each float weight as it makes its
+        # integers, so the two are never held whole together (9B: 16.7 GiB of bf16 beside 8.3 of
+        # integers). The backend's check of the plan comes after that reference.
+        if gate:
+            from qwen_mobile.parity import float_reference
+
+            float_logits = float_reference(loaded.model, target.lengths, checkpoint.path)
+        with progress.step(f"planning {target.quant} quantization, releasing each float weight as it goes"):
+            plan = make_plan(loaded.model, scheme, release_float=True)
+    else:
+        with progress.step(f"planning {target.quant} quantization" + calibration_request.describe()):
+            plan = calibration_request.plan(loaded.model, scheme, checkpoint.path)
     widen_unplanned(loaded.model, plan)  # what lowering reads besides the plan
     return_freed_memory()
     return write_bundle(target, loaded, plan, out, gate, carry_plan=calibration_request.calibrated,
-                        release_float_weights=True)
+                        release_float_weights=True, float_logits=float_logits)
 
 
 @dataclass(frozen=True)
@@ -163,7 +179,8 @@ def prepare_target(checkpoint: Checkpoint, backend: str, quant: str | None, max_
 
 
 def write_bundle(target: BundleTarget, loaded: LoadedModel, plan: QuantPlan, out: Path, gate: bool = True,
-                 carry_plan: bool = False, release_float_weights: bool = False) -> Path:
+                 carry_plan: bool = False, release_float_weights: bool = False,
+                 float_logits: torch.Tensor | None = None) -> Path:
     """Lower `plan` of the loaded model into the bundle `out` (already checked by check_target),
     gate it unless gate=False, and publish it. carry_plan: the bundle carries the plan as
     PLAN_FILE (a calibrated plan, which verify cannot rebuild from the manifest).
@@ -176,7 +193,8 @@ def write_bundle(target: BundleTarget, loaded: LoadedModel, plan: QuantPlan, out
     weights in place of the float ones (parity.references keep_float). A backend that lowers from
     the plan alone (Backend.lowering_reads_planned_weights) then lowers with them released; any
     other lowers from the float weights, released after it. The artifact and the gate's figures
-    are the same either way."""
+    are the same either way. float_logits: the gate's float reference (parity.float_reference),
+    made before the plan released the float weights."""
     implementation, lengths, checkpoint = target.implementation, target.lengths, loaded.checkpoint
     implementation.check(plan, lengths)
     release_before_lowering = release_float_weights and not implementation.lowering_reads_planned_weights
@@ -185,7 +203,7 @@ def write_bundle(target: BundleTarget, loaded: LoadedModel, plan: QuantPlan, out
         from qwen_mobile.parity import references, require_parity
 
         refs = references(loaded.model, lengths, plan, tokenizer_dir=checkpoint.path,
-                          keep_float=not release_before_lowering)
+                          keep_float=not release_before_lowering, float_logits=float_logits)
     if release_before_lowering:
         release_planned_weights(loaded.model, plan)
         return_freed_memory()

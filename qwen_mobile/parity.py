@@ -321,26 +321,44 @@ class References:
         return self.prefill + self.decode
 
 
-def references(model: Qwen35, lengths: Lengths, plan: QuantPlan, tokenizer_dir: Path | None = None,
-               keep_float: bool = True) -> References:
-    """The eager logits the gate needs for this plan (see the module doc), feeding the
-    held-out text under the tokenizer in `tokenizer_dir` (the checkpoint's, or the bundle's
-    copy of it) or, without one, seeded random ids. keep_float=False, for a caller with no
-    further use for the float model: the plan's passes replace its planned weights by their
-    dequantized values for good instead of holding both (quant.eager.dequantized); same logits."""
+def gate_feed(model: Qwen35, lengths: Lengths, tokenizer_dir: Path | None) -> tuple[torch.Tensor, Spans, Spans]:
+    """(tokens [1, length], prefill spans, decode spans): what the gate feeds the eager model and the
+    artifact alike, the held-out text under the tokenizer in `tokenizer_dir` (the checkpoint's, or
+    the bundle's copy of it) or, without one, seeded random ids."""
     prefill, decode = feeding_plan(lengths.max_context, lengths.max_chunk)
-    max_context = lengths.max_context
-    spans = prefill + decode
-    needed = spans[-1][1]
+    needed = (prefill + decode)[-1][1]
     vocab_size = model.config.vocab_size
     tokens = sample_tokens(vocab_size, needed) if tokenizer_dir is None else held_out_tokens(
         tokenizer_dir, needed, vocab_size
     )
+    return tokens, prefill, decode
+
+
+def float_reference(model: Qwen35, lengths: Lengths, tokenizer_dir: Path | None = None) -> torch.Tensor:
+    """The float model's eager logits [calls, vocab] on the gate's feed: what references() computes
+    first, for a caller that must release the float weights before the plan's passes (export's
+    plan made with release_float), which hands them to references() as float_logits."""
+    tokens, prefill, decode = gate_feed(model, lengths, tokenizer_dir)
+    spans = prefill + decode
+    with widened(model), progress.step(f"eager reference: float model, {len(spans)} calls"):
+        return reference_logits(model, tokens, spans, lengths.max_context)
+
+
+def references(model: Qwen35, lengths: Lengths, plan: QuantPlan, tokenizer_dir: Path | None = None,
+               keep_float: bool = True, float_logits: torch.Tensor | None = None) -> References:
+    """The eager logits the gate needs for this plan (see the module doc), fed gate_feed's tokens.
+    keep_float=False, for a caller with no further use for the float model: the plan's passes
+    release its planned weights for good (quant.eager.dequantized); same logits. float_logits:
+    float_reference's, computed before the float weights were released (the float pass is then
+    not run again)."""
+    tokens, prefill, decode = gate_feed(model, lengths, tokenizer_dir)
+    max_context = lengths.max_context
+    spans = prefill + decode
     quantized = bool(plan.weights)
     gate, floor = gate_for(plan), None
+    if float_logits is None:
+        float_logits = float_reference(model, lengths, tokenizer_dir)
     with widened(model):  # the model may hold its matrices narrow (memory.py)
-        with progress.step(f"eager reference: float model, {len(spans)} calls"):
-            float_logits = reference_logits(model, tokens, spans, max_context)
         logits = float_logits
         if quantized:
             with (progress.step(f"eager reference: {plan.scheme.name} plan, {len(spans)} calls"),

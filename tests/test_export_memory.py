@@ -13,7 +13,7 @@ from qwen_mobile.checkpoint import EMBEDDED_MODEL, load_checkpoint, open_checkpo
 from qwen_mobile.errors import QwenMobileError
 from qwen_mobile.export import prepare_target, write_bundle
 from qwen_mobile.memory import linear, widen_unplanned, widened
-from qwen_mobile.parity import references
+from qwen_mobile.parity import float_reference, references
 from qwen_mobile.quant.eager import dequantized
 from qwen_mobile.quant.plan import make_plan, planned_modules, resolve_scheme, round_to_nearest
 
@@ -27,27 +27,65 @@ def loaded_and_planned(quant: str = "8da4w", matrices_at_rest: bool = False):
 def test_references_without_the_float_weights_are_the_same_references(embedded_bundle):
     """What the gate compares against, bit for bit, whether the float model is kept whole in
     float32 or held as export_bundle holds it: matrices at rest in the checkpoint's bf16
-    (memory.py), released for good once the float reference is made, the plan's passes computing
-    from its integers. The plan is the same too. That lowering then reads no released weight is the next test, and the
-    bundle it writes is the one every ExecuTorch 8da4w test checks."""
+    (memory.py), the float reference made first, then the plan made releasing each float weight
+    as it goes, the plan's passes computing from its integers. The plan is the same too. That
+    lowering then reads no released weight is the next test, and the bundle it writes is the one
+    every ExecuTorch 8da4w test checks."""
     target, kept_model, kept_plan = loaded_and_planned()
-    _, freed_model, plan = loaded_and_planned(matrices_at_rest=True)
+    freed_model = load_checkpoint(open_checkpoint(None), matrices_at_rest=True)
     modules = planned_modules(freed_model.model)
-    assert {modules[name].weight.dtype for name in plan.weights} == {torch.bfloat16}
+    assert {module.weight.dtype for module in modules.values()} == {torch.bfloat16}
+    float_logits = float_reference(freed_model.model, target.lengths, EMBEDDED_MODEL)
+    plan = make_plan(freed_model.model, resolve_scheme("8da4w"), release_float=True)
+    assert all(modules[name].weight.is_meta for name in plan.weights)
+    assert freed_model.model.lm_head.weight is freed_model.model.embed_tokens.weight  # still tied
+    assert plan.weights.keys() == kept_plan.weights.keys()
     for name, weight in plan.weights.items():
         expected = kept_plan.weights[name]
         assert torch.equal(weight.qdata, expected.qdata) and torch.equal(weight.scale, expected.scale), name
+        assert weight.activations == expected.activations, name
+    assert plan.weights["lm_head.weight"].qdata is plan.weights["embed_tokens.weight"].qdata
     widen_unplanned(freed_model.model, plan)
     assert all(modules[name].weight.dtype == torch.float32 for name in plan.kept_float)
     kept = references(kept_model.model, target.lengths, kept_plan, tokenizer_dir=EMBEDDED_MODEL)
-    freed = references(freed_model.model, target.lengths, plan, tokenizer_dir=EMBEDDED_MODEL, keep_float=False)
+    freed = references(freed_model.model, target.lengths, plan, tokenizer_dir=EMBEDDED_MODEL, keep_float=False,
+                       float_logits=float_logits)
     for field in ("tokens", "float_logits", "logits"):
         assert torch.equal(getattr(kept, field), getattr(freed, field)), field
     assert kept.gate == freed.gate and kept.noise_floor == freed.noise_floor and kept.noise_floor is not None
     assert not any(parameter.is_meta for parameter in kept_model.model.parameters())
-    assert all(modules[name].weight.is_meta for name in plan.weights)
     released = json.loads((embedded_bundle("executorch", "8da4w") / "manifest.json").read_text())
     assert released["parity"]["passed"] and released["parity"]["max_mean_kl"] == kept.gate.max_mean_kl
+
+
+def test_an_export_makes_its_float_reference_before_the_plan_releases_the_float_weights(monkeypatch, tmp_path):
+    """export_bundle's order where the lowering reads only the plan: the float reference sees every
+    float weight, and by the gate's plan passes the plan has released them all (so the float
+    matrices and the integers are never held whole together)."""
+    import qwen_mobile.parity as parity
+    from qwen_mobile.export import export_bundle
+
+    seen = {}
+    float_reference_of = parity.float_reference
+
+    def recorded_float_reference(model, *args, **kwargs):
+        seen["at the float reference"] = {module.weight.is_meta for module in planned_modules(model).values()}
+        return float_reference_of(model, *args, **kwargs)
+
+    def plan_references(model, lengths, plan, **kwargs):
+        modules = planned_modules(model)
+        seen["at the plan's references"] = {modules[name].weight.is_meta for name in plan.weights}
+        seen["float logits"] = kwargs["float_logits"]
+        raise Lowered
+
+    monkeypatch.setattr(parity, "float_reference", recorded_float_reference)
+    monkeypatch.setattr(parity, "references", plan_references)
+    with pytest.raises(Lowered):
+        export_bundle(None, "executorch", "8da4w", tmp_path / "bundle")
+    assert seen["at the float reference"] == {False}
+    assert seen["at the plan's references"] == {True}
+    assert seen["float logits"] is not None and seen["float logits"].shape[0] == 100
+    assert not (tmp_path / "bundle").exists()
 
 
 class Lowered(QwenMobileError):
