@@ -227,15 +227,21 @@ def lengths_of(manifest: dict) -> Lengths:
 
 
 def load_source(bundle: Path, manifest: dict, source: str | None = None, matrices_at_rest: bool = False):
-    """For `verify`: the checkpoint the bundle was exported from, loaded, and its quantization
-    plan rebuilt from the manifest (plans are deterministic).
+    """For `verify`: the checkpoint the bundle was exported from, loaded (source_model), and its
+    quantization plan rebuilt from the manifest (source_plan)."""
+    loaded = source_model(bundle, manifest, source, matrices_at_rest)
+    return loaded, source_plan(bundle, manifest, loaded)
+
+
+def source_model(bundle: Path, manifest: dict, source: str | None = None, matrices_at_rest: bool = False):
+    """The checkpoint the bundle was exported from, loaded.
 
     Nothing outside the bundle is read or fetched on the manifest's say-so: the checkpoint is
     the one the user passes (`--source`), checked against the manifest's config_hash; only the
     embedded model, which ships with qwen-mobile, is found without it. matrices_at_rest: see
     checkpoint.load_checkpoint."""
     from qwen_mobile.checkpoint import EMBEDDED_NAME, load
-    from qwen_mobile.quant.plan import PLAN_FILE, load_plan, make_plan, scheme_from_manifest
+    from qwen_mobile.quant.plan import scheme_from_manifest
 
     path = Path(bundle) / MANIFEST
     recorded = manifest["source"]
@@ -244,7 +250,7 @@ def load_source(bundle: Path, manifest: dict, source: str | None = None, matrice
             f"{path}: exported from {recorded['checkpoint']!r}; pass that checkpoint with --source to verify against "
             "it (verify reads nothing outside the bundle on the manifest's say-so)"
         )
-    scheme = scheme_from_manifest(manifest["quant"], str(path))
+    scheme_from_manifest(manifest["quant"], str(path))  # a bad field fails before the checkpoint loads
     with progress.step("loading the source checkpoint"):
         loaded = load(source if source is not None else EMBEDDED_NAME, matrices_at_rest=matrices_at_rest)
     if loaded.checkpoint.config_hash != recorded["config_hash"]:
@@ -252,13 +258,26 @@ def load_source(bundle: Path, manifest: dict, source: str | None = None, matrice
             f"{path}: field source/config_hash: {recorded['config_hash']}, but {loaded.checkpoint.source} has "
             f"{loaded.checkpoint.config_hash} (not the checkpoint this bundle was exported from)"
         )
-    if PLAN_FILE in manifest["files"]:  # a calibrated plan travels with its bundle: read, never refitted
+    return loaded
+
+
+def source_plan(bundle: Path, manifest: dict, loaded, release_float: bool = False):
+    """The bundle's quantization plan: its PLAN_FILE when it carries one (a calibrated plan, read,
+    never refitted), else rebuilt from the manifest's scheme (plans are deterministic).
+    release_float: the model's planned float weights are released (quant.plan.make_plan's
+    release_float), for a caller that has made its float reference already."""
+    from qwen_mobile.quant.plan import PLAN_FILE, load_plan, make_plan, release_planned_weights, scheme_from_manifest
+
+    if PLAN_FILE in manifest["files"]:
         plan = load_plan(Path(bundle) / PLAN_FILE)
         if plan.to_manifest() != manifest["quant"]:
             raise QwenMobileError(f"{Path(bundle) / PLAN_FILE}: is not the plan the manifest's field quant describes")
-        return loaded, plan
+        if release_float:
+            release_planned_weights(loaded.model, plan)
+        return plan
+    scheme = scheme_from_manifest(manifest["quant"], str(Path(bundle) / MANIFEST))
     with progress.step("rebuilding the quantization plan"):
-        return loaded, make_plan(loaded.model, scheme)
+        return make_plan(loaded.model, scheme, release_float=release_float)
 
 
 def verify_bundle(bundle: Path, source: str | None = None) -> dict:
@@ -272,14 +291,15 @@ def gate_bundle(bundle: Path, manifest: dict, spec: BackendSpec, source: str | N
     """The parity gate on the artifact in `bundle` against its source checkpoint (see load_source),
     without the file checks (verify_bundle does those first)."""
     from qwen_mobile.memory import return_freed_memory
-    from qwen_mobile.parity import gate_artifact, references
-    from qwen_mobile.quant.plan import release_planned_weights
+    from qwen_mobile.parity import float_reference, gate_artifact, references
 
-    loaded, plan = load_source(bundle, manifest, source, matrices_at_rest=True)
-    # the model serves these references only: its float weights need not outlive them, nor sit
-    # under the artifact's runtime (see export.write_bundle's release_float_weights)
-    refs = references(loaded.model, lengths_of(manifest), plan, tokenizer_dir=bundle, keep_float=False)
-    release_planned_weights(loaded.model, plan)
+    loaded = source_model(bundle, manifest, source, matrices_at_rest=True)
+    lengths = lengths_of(manifest)
+    # the model serves these references only: its float weights go as the plan is made, after the
+    # float reference, as in an export (export.export_bundle), and never sit under the artifact's runtime
+    float_logits = float_reference(loaded.model, lengths, tokenizer_dir=bundle)
+    plan = source_plan(bundle, manifest, loaded, release_float=True)
+    refs = references(loaded.model, lengths, plan, tokenizer_dir=bundle, keep_float=False, float_logits=float_logits)
     return_freed_memory()
     return gate_artifact(spec.load(), bundle, manifest, refs, plan)
 

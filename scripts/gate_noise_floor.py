@@ -32,7 +32,7 @@ def main() -> None:
     chunked = prefill + decode[: args.decode]
     prefill_end = prefill[-1][1]
     token_by_token = [(p, p + 1) for p in range(prefill_end)] + decode[: args.decode]
-    tokens = parity.held_out_tokens(loaded.checkpoint.path, chunked[-1][1])
+    tokens = parity.held_out_tokens(loaded.checkpoint.path, chunked[-1][1], model.config.vocab_size)
 
     with torch.no_grad(), dequantized(model, plan):
         a = parity.reference_logits(model, tokens, chunked, 4096)
