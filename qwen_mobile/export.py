@@ -212,7 +212,7 @@ def write_bundle(target: BundleTarget, loaded: LoadedModel, plan: QuantPlan, out
             fields = lowered(implementation, ExportTarget(loaded.model, plan, lengths, target.special_tokens), staging)
         if release_float_weights and not release_before_lowering:  # else released already
             release_planned_weights(loaded.model, plan)
-            return_freed_memory()
+        return_freed_memory()  # the converter's graphs, before the gate loads the artifact beside them
         copy_tokenizer(checkpoint.path, staging)
         if carry_plan:
             save_plan(plan, staging / PLAN_FILE).chmod(0o644)  # verify checks the artifact against it, never refits it

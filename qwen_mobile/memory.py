@@ -97,9 +97,14 @@ def widen_unplanned(model: nn.Module, plan: QuantPlan) -> None:
 
 
 def return_freed_memory() -> None:
-    """Hand the heap glibc keeps after a stage frees its tensors back to the system (a no-op without glibc)."""
+    """Free what a stage left in reference cycles, then hand the heap glibc keeps back to the
+    system (that part a no-op without glibc). A converter's graphs (torch.fx, ExecuTorch's and
+    coremltools' programs) refer to each other, so only the cycle collector frees them, whenever
+    it next runs."""
     import ctypes
+    import gc
 
+    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

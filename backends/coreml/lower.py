@@ -24,7 +24,6 @@ the program computes in the scheme's compute dtype on the decompressed weights.
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import tempfile
 import time
@@ -250,14 +249,6 @@ def exact_shared_weights():
         deduplication.find_constants = original
 
 
-def collect_programs() -> None:
-    """Free the MIL programs coremltools is done with. Their ops, blocks and values refer to each
-    other, so only Python's cycle collector frees them, whenever it next runs: the merge's two
-    programs left 3.7 GB resident at 2B (1.7 at 0.8B) into the gate's passes."""
-    gc.collect()
-    return_freed_memory()
-
-
 def lower(model: Qwen35, plan: QuantPlan, out: Path, max_context: int, chunk: int, recurrent_dtype: str) -> Lowered:
     """Convert both functions and save them as one multifunction mlpackage at `out`. The planned
     weights' values are never read: each is traced as a placeholder (quant.plan.placeholder_weights)
@@ -281,11 +272,13 @@ def lower(model: Qwen35, plan: QuantPlan, out: Path, max_context: int, chunk: in
             path = Path(scratch) / f"{function}.mlpackage"
             mlmodel.save(str(path))
             del mlmodel
-            collect_programs()
+            # coremltools' MIL programs: their ops, blocks and values refer to each other, so only
+            # the cycle collector frees them (the merge's two left 3.7 GB resident at 2B, 1.7 at 0.8B)
+            return_freed_memory()
             descriptor.add_function(str(path), src_function_name="main", target_function_name=function)
         descriptor.default_function_name = DEFAULT_FUNCTION
         with quiet(), exact_shared_weights():
             ct.utils.save_multifunction(descriptor, str(out))
-        collect_programs()
+        return_freed_memory()
     lowered.seconds = time.perf_counter() - started
     return lowered
