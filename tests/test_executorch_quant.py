@@ -169,3 +169,27 @@ def test_a_weight_only_int8_linear_is_delegated_and_exact():
 
 def test_group_size_flag_reaches_the_plan():
     assert resolve_scheme("8da4w", group_size=64).group_size == 64
+
+
+def test_packed_weights_kept_on_disk_during_lowering_give_the_same_program(exported, monkeypatch, tmp_path):
+    """lower.named_data_on_disk: every packed blob spilled to a file (a threshold of one byte, where
+    exports spill those of 1 MiB or more) writes the program byte for byte, and leaves no blob file
+    in the bundle."""
+    from executorch.exir._serialize._cord import FileBackedData
+
+    from qwen_mobile.backends.executorch import lower
+    from qwen_mobile.export import export_bundle
+
+    spilled = []
+    init = FileBackedData.__init__
+
+    def recorded(self, path, *args, **kwargs):
+        spilled.append(Path(path))
+        init(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(lower, "SPILLED_BLOB_BYTES", 1)
+    monkeypatch.setattr(FileBackedData, "__init__", recorded)
+    again = export_bundle(None, "executorch", "8da4w", tmp_path / "bundle", gate=False)
+    assert (again / "model.pte").read_bytes() == (exported / "model.pte").read_bytes()
+    assert sorted(path.name for path in again.iterdir()) == sorted(path.name for path in exported.iterdir())
+    assert len(spilled) > 50 and not any(path.exists() for path in spilled)
