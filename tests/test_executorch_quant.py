@@ -193,3 +193,28 @@ def test_packed_weights_kept_on_disk_during_lowering_give_the_same_program(expor
     assert (again / "model.pte").read_bytes() == (exported / "model.pte").read_bytes()
     assert sorted(path.name for path in again.iterdir()) == sorted(path.name for path in exported.iterdir())
     assert len(spilled) > 50 and not any(path.exists() for path in spilled)
+
+
+def test_a_partitions_copy_for_preprocess_shares_its_weights_and_nothing_else():
+    """lower.copy_sharing_weights: the program's tensors are the original's (no second copy of every
+    delegated weight), its graph a copy of its own (what ExecuTorch's deepcopy is there for)."""
+    from qwen_mobile.backends.executorch.lower import copy_sharing_weights
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 4)
+            self.register_buffer("offset", torch.ones(4))
+
+        def forward(self, x):
+            return self.linear(x) + self.offset
+
+    program = torch.export.export(Scaled(), (torch.ones(2, 8),))
+    copied = copy_sharing_weights(program)
+    assert copied.state_dict.keys() == program.state_dict.keys() and copied.state_dict
+    assert all(copied.state_dict[name] is tensor for name, tensor in program.state_dict.items())
+    assert copied.graph_module is not program.graph_module and copied.graph is not program.graph
+    node = next(node for node in copied.graph.nodes if node.op == "call_function")
+    node.name = "renamed"
+    assert "renamed" not in {node.name for node in program.graph.nodes}
+    assert torch.equal(copied.module()(torch.ones(2, 8)), program.module()(torch.ones(2, 8)))
