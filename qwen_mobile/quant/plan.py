@@ -357,8 +357,9 @@ def make_plan(model: nn.Module, scheme: QuantScheme, release_float: bool = False
     if scheme.is_float:
         return plan
     modules = planned_modules(model)
+    # decided before either weight is released
     embedding, lm_head = modules.get("embed_tokens.weight"), modules.get("lm_head.weight")
-    tied_lm_head = embedding is not None and lm_head is not None and lm_head.weight is embedding.weight  # before release
+    tied_lm_head = embedding is not None and lm_head is not None and lm_head.weight is embedding.weight
     for name, module in modules.items():
         if name.rsplit(".", 2)[-2] in FLOAT_LINEARS:
             plan.kept_float.append(name)
