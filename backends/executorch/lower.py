@@ -179,7 +179,7 @@ def copy_sharing_weights(edge_program: torch.export.ExportedProgram) -> torch.ex
     """A deep copy of a partition's program whose parameters and constants are the original's
     tensors: ExecuTorch copies each partition's program before its backend's preprocess, in case
     the backend changes the graph, and a plain deepcopy copies every delegated weight with it
-    (8.8 GiB at 9B, all partitions copied before the first preprocess: measured with memray).
+    (8.8 GB at 9B, all partitions copied before the first preprocess: measured with memray).
     XNNPACK's preprocess reads the weights and packs copies of its own; it changes no tensor in
     place, and the gate (weights looked up, then the program run) would see it if it did."""
     shared = [*edge_program.state_dict.values(), *edge_program.constants.values()]
