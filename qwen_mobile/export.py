@@ -1,9 +1,10 @@
 """`qwen-mobile export`: the one export flow every backend goes through.
 
 validate the request (backend, scheme, lengths, tokenizer, output path) before any slow
-work -> load -> plan -> the backend's check -> the parity gate's eager references -> stage
--> the backend lowers into the staging directory -> tokenizer -> manifest -> the parity
-gate through each of the backend's runtimes -> publish atomically. A backend only lowers and runs
+work -> load -> (the gate's float reference, where the plan then releases the float weights)
+-> plan -> the backend's check -> the parity gate's eager references -> stage -> the backend
+lowers into the staging directory -> tokenizer -> manifest -> the parity gate through each of
+the backend's runtimes -> publish atomically. A backend only lowers and runs
 (qwen_mobile/registry.py: Backend); everything else happens here, once.
 """
 
