@@ -15,6 +15,7 @@ import itertools
 import tempfile
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
@@ -168,11 +169,8 @@ def named_data_on_disk(directory: Path):
             data = FileBackedData(str(path))
         return add_named_data(self, key, data, *args, **kwargs)
 
-    NamedDataStore.add_named_data = add_spilled
-    try:
+    with mock.patch.object(NamedDataStore, "add_named_data", add_spilled):
         yield
-    finally:
-        NamedDataStore.add_named_data = add_named_data
 
 
 def copy_sharing_weights(edge_program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
@@ -193,12 +191,9 @@ def xnnpack_preprocess_sharing_weights():
     override; XNNPACK's backend is final, so it is set on the class for the block's duration."""
     from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
 
-    XnnpackBackend.copy_exported_program_for_preprocess = classmethod(
-        lambda cls, edge_program, compile_specs: copy_sharing_weights(edge_program))
-    try:
+    sharing = classmethod(lambda cls, edge_program, compile_specs: copy_sharing_weights(edge_program))
+    with mock.patch.object(XnnpackBackend, "copy_exported_program_for_preprocess", sharing):
         yield
-    finally:
-        del XnnpackBackend.copy_exported_program_for_preprocess  # the inherited one again
 
 
 def lower(model: Qwen35, plan: QuantPlan, max_context: int, max_seq_len: int, metadata: dict,
